@@ -1,0 +1,1085 @@
+//! The public handle, [`Queue`]. Every mutating operation follows one path:
+//!
+//! 1. validate input (nothing touched on error);
+//! 2. take the writer lock, read the clock once, read records;
+//! 3. compute new records with `machine`;
+//! 4. write them (with their index changes, the `seq` counter and any wakeup bump) as one
+//!    sled transaction;
+//! 5. release the lock, wait until the transaction is durable (group commit), then publish
+//!    the wakeups.
+//!
+//! Reads take no lock; they wait for the durability of whatever they observed.
+
+use std::collections::{HashMap, HashSet};
+use std::iter::Peekable;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use rand::TryRng;
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::codec;
+use crate::error::{Error, InputError, Result};
+use crate::keys::{self, TreeId};
+use crate::machine::{self, Record, State};
+use crate::model::{
+    CleanupKind, DeadLetter, LeaseExpiryResult, Message, NewMessage, Operation, OperationResult,
+    Reservation, ReserveFilter, Wakeup,
+};
+use crate::policy::Policy;
+use crate::store::{self, Durability, Location, Store, StoreConfig, WriteSet};
+use crate::sweeper::Sweeper;
+use crate::wakeup::Wakeups;
+
+/// Idempotency keys longer than this are refused.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 1024;
+/// How many due leases `reserve` expires in its pool before looking for work.
+const RESERVE_EXPIRY_LIMIT: usize = 100;
+
+/// Opens a [`Queue`]. Every setting has a production default.
+#[derive(Debug)]
+pub struct QueueBuilder {
+    location: Option<PathBuf>,
+    policy: Policy,
+    sweep_interval: Option<Duration>,
+    sweep_batch: usize,
+    payload_limit: usize,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    cache_capacity: u64,
+}
+
+impl QueueBuilder {
+    /// A database in the directory `path` (created if missing).
+    pub fn new(path: impl AsRef<Path>) -> QueueBuilder {
+        QueueBuilder {
+            location: Some(path.as_ref().to_path_buf()),
+            ..QueueBuilder::temporary()
+        }
+    }
+
+    /// A database in a temporary directory, removed when the queue is dropped.
+    pub fn temporary() -> QueueBuilder {
+        QueueBuilder {
+            location: None,
+            policy: Policy::default(),
+            sweep_interval: Some(Duration::from_secs(1)),
+            sweep_batch: 100,
+            payload_limit: 64 * 1024,
+            clock: Arc::new(SystemClock),
+            durability: Durability::Fsync,
+            cache_capacity: 64 << 20,
+        }
+    }
+
+    /// Lease duration (default 30 s).
+    pub fn lease(mut self, lease: Duration) -> QueueBuilder {
+        self.policy.lease = lease;
+        self
+    }
+
+    /// Max delivery attempts (default 3).
+    pub fn max_delivery_attempts(mut self, n: u32) -> QueueBuilder {
+        self.policy.max_delivery_attempts = n;
+        self
+    }
+
+    /// How long acked messages keep their idempotency key (default `None`: forever).
+    pub fn completed_retention(mut self, retention: Option<Duration>) -> QueueBuilder {
+        self.policy.completed_retention = retention;
+        self
+    }
+
+    /// All three policy values at once.
+    pub fn policy(mut self, policy: Policy) -> QueueBuilder {
+        self.policy = policy;
+        self
+    }
+
+    /// How often the sweeper runs (default 1 s); `None` switches it off.
+    pub fn sweep_interval(mut self, every: Option<Duration>) -> QueueBuilder {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// Leases expired (and tombstones pruned) per sweeper batch (default 100).
+    pub fn sweep_batch(mut self, n: usize) -> QueueBuilder {
+        self.sweep_batch = n;
+        self
+    }
+
+    /// Largest `target` + `data` JSON, in bytes (default 64 KiB).
+    pub fn payload_limit(mut self, bytes: usize) -> QueueBuilder {
+        self.payload_limit = bytes;
+        self
+    }
+
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock + 'static) -> QueueBuilder {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The clock, shared.
+    pub fn shared_clock(mut self, clock: Arc<dyn Clock>) -> QueueBuilder {
+        self.clock = clock;
+        self
+    }
+
+    /// What a returned mutating call promises (default [`Durability::Fsync`]).
+    pub fn durability(mut self, durability: Durability) -> QueueBuilder {
+        self.durability = durability;
+        self
+    }
+
+    /// The storage library's page cache, in bytes (default 64 MiB).
+    pub fn cache_capacity(mut self, bytes: u64) -> QueueBuilder {
+        self.cache_capacity = bytes;
+        self
+    }
+
+    /// Validates the settings and opens the database.
+    pub fn open(self) -> Result<Queue> {
+        self.policy.validate()?;
+        if self.sweep_batch == 0 {
+            return Err(Error::Config("sweep batch must be at least 1".into()));
+        }
+        if self.sweep_interval == Some(Duration::ZERO) {
+            return Err(Error::Config(
+                "sweep interval must be positive (use None to switch the sweeper off)".into(),
+            ));
+        }
+        if self.payload_limit < 4 {
+            return Err(Error::Config(
+                "payload limit must hold at least `{}` twice (4 bytes)".into(),
+            ));
+        }
+        if let Durability::Buffered { every } = self.durability {
+            if every.is_zero() {
+                return Err(Error::Config(
+                    "buffered flush interval must be positive".into(),
+                ));
+            }
+        }
+        let store = Store::open(StoreConfig {
+            location: match self.location {
+                Some(p) => Location::Path(p),
+                None => Location::Temporary,
+            },
+            cache_capacity: self.cache_capacity,
+            durability: self.durability,
+        })?;
+        let next_seq = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
+        let inner = Arc::new(Inner {
+            store,
+            writer: Mutex::new(Writer {
+                next_seq,
+                wake: HashMap::new(),
+            }),
+            policy: RwLock::new(self.policy),
+            clock: self.clock,
+            wakeups: Wakeups::default(),
+            poison: Mutex::new(None),
+            payload_limit: self.payload_limit,
+        });
+        let sweeper = match self.sweep_interval {
+            Some(every) => Some(Sweeper::spawn(inner.clone(), every, self.sweep_batch)?),
+            None => None,
+        };
+        Ok(Queue {
+            handle: Arc::new(Handle {
+                inner,
+                _sweeper: sweeper,
+            }),
+        })
+    }
+}
+
+/// The durable worker cleanup queue. `Send + Sync`; clones share one engine, and the
+/// sweeper stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Queue {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    inner: Arc<Inner>,
+    // Dropped (stopped and joined) with the last handle.
+    _sweeper: Option<Sweeper>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("path", &self.handle.inner.store.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `enqueue` did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Enqueued {
+    /// The stored message (for a duplicate: exactly as stored).
+    pub message: Message,
+    /// Whether an existing message was returned instead of storing a new one.
+    pub duplicate: bool,
+}
+
+/// What `reserve` did, in full.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reserved {
+    /// The reservation, if anything qualified.
+    pub reservation: Option<Reservation>,
+    /// What the pool's lease expiry before the scan did.
+    pub expired: LeaseExpiryResult,
+    /// Candidates moved to the DLQ during the scan because their attempts were used up.
+    pub dead_lettered: Vec<DeadLetter>,
+}
+
+impl Queue {
+    /// A builder for a database at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> QueueBuilder {
+        QueueBuilder::new(path)
+    }
+
+    /// Opens (or creates) a database at `path` with the defaults.
+    pub fn open(path: impl AsRef<Path>) -> Result<Queue> {
+        QueueBuilder::new(path).open()
+    }
+
+    /// A builder for a temporary database (tests, examples).
+    pub fn temporary() -> QueueBuilder {
+        QueueBuilder::temporary()
+    }
+
+    fn inner(&self) -> &Inner {
+        &self.handle.inner
+    }
+
+    /// Stores a new message, or returns the existing one for a duplicate (same `message_id`
+    /// or same `idempotency_key` in the pool). Wakes the pool when the message is visible.
+    pub fn enqueue(&self, message: NewMessage) -> Result<Message> {
+        self.inner().enqueue(message).map(|e| e.message)
+    }
+
+    /// [`enqueue`](Queue::enqueue), also telling whether it was a duplicate.
+    pub fn enqueue_detailed(&self, message: NewMessage) -> Result<Enqueued> {
+        self.inner().enqueue(message)
+    }
+
+    /// Reserves the first qualifying visible message of the pool, after expiring the pool's
+    /// due leases. `None` when nothing qualifies.
+    pub fn reserve(
+        &self,
+        work_pool_id: Uuid,
+        filter: &ReserveFilter,
+    ) -> Result<Option<Reservation>> {
+        self.inner()
+            .reserve(work_pool_id, filter)
+            .map(|r| r.reservation)
+    }
+
+    /// [`reserve`](Queue::reserve), also returning what its expiry and scan dead-lettered.
+    pub fn reserve_detailed(&self, work_pool_id: Uuid, filter: &ReserveFilter) -> Result<Reserved> {
+        self.inner().reserve(work_pool_id, filter)
+    }
+
+    /// Completes a reservation.
+    pub fn ack(
+        &self,
+        work_pool_id: Uuid,
+        message_id: Uuid,
+        token: &str,
+    ) -> Result<OperationResult> {
+        self.inner()
+            .lease_op(Operation::Ack, work_pool_id, message_id, token, None)
+    }
+
+    /// Gives a reservation back (or dead-letters it when attempts are used up).
+    pub fn release(
+        &self,
+        work_pool_id: Uuid,
+        message_id: Uuid,
+        token: &str,
+        reason: &str,
+    ) -> Result<OperationResult> {
+        self.inner().lease_op(
+            Operation::Release,
+            work_pool_id,
+            message_id,
+            token,
+            Some(reason),
+        )
+    }
+
+    /// Extends a reservation's lease to now + lease duration.
+    pub fn renew(
+        &self,
+        work_pool_id: Uuid,
+        message_id: Uuid,
+        token: &str,
+    ) -> Result<OperationResult> {
+        self.inner()
+            .lease_op(Operation::Renew, work_pool_id, message_id, token, None)
+    }
+
+    /// Expires up to `limit` due leases, most overdue first, of one pool or all.
+    pub fn expire_leases(
+        &self,
+        limit: usize,
+        work_pool_id: Option<Uuid>,
+    ) -> Result<LeaseExpiryResult> {
+        self.inner().expire_leases(limit, work_pool_id)
+    }
+
+    /// The active (visible or reserved) message, only from its own pool.
+    pub fn read_message(&self, work_pool_id: Uuid, message_id: Uuid) -> Result<Option<Message>> {
+        self.inner().read(work_pool_id, message_id, |r| {
+            if r.is_active() {
+                r.message().map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    /// The dead letter, only from its own pool.
+    pub fn read_dead_letter(
+        &self,
+        work_pool_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<Option<DeadLetter>> {
+        self.inner()
+            .read(work_pool_id, message_id, Record::dead_letter)
+    }
+
+    /// The reservation currently held on a message, if any (an inspection helper).
+    pub fn read_reservation(
+        &self,
+        work_pool_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<Option<Reservation>> {
+        self.inner()
+            .read(work_pool_id, message_id, Record::reservation)
+    }
+
+    /// Bumps the pool's wakeup sequence and wakes its waiters.
+    pub fn wake_dispatchers(&self, work_pool_id: Uuid) -> Result<Wakeup> {
+        self.inner().wake_dispatchers(work_pool_id)
+    }
+
+    /// The pool's latest wakeup sequence (0 before the first wake).
+    pub fn read_wakeup_sequence(&self, work_pool_id: Uuid) -> Result<u64> {
+        let inner = self.inner();
+        inner.check()?;
+        inner
+            .wakeups
+            .current(work_pool_id, || inner.stored_wakeup(work_pool_id))
+    }
+
+    /// Waits until the pool's sequence exceeds `after` and returns the current one; `None`
+    /// when `timeout` elapses first. Zero timeout: check only. No timeout: wait for ever.
+    pub fn wait_for_wakeup(
+        &self,
+        work_pool_id: Uuid,
+        after: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Wakeup>> {
+        let inner = self.inner();
+        inner.check()?;
+        let seq = inner.wakeups.wait(work_pool_id, after, timeout, || {
+            inner.stored_wakeup(work_pool_id)
+        })?;
+        Ok(seq.map(|sequence| Wakeup {
+            work_pool_id,
+            sequence,
+        }))
+    }
+
+    /// Removes up to `limit` acked tombstones whose retention has run out under the current
+    /// policy; returns how many. (The sweeper does this on its own.)
+    pub fn prune_tombstones(&self, limit: usize) -> Result<usize> {
+        self.inner().prune_tombstones(limit)
+    }
+
+    /// Removes up to `limit` acked tombstones completed at least `retention` ago.
+    pub fn prune_tombstones_older_than(&self, retention: Duration, limit: usize) -> Result<usize> {
+        self.inner().prune(retention, limit)
+    }
+
+    /// The current policy.
+    pub fn policy(&self) -> Policy {
+        self.inner().policy()
+    }
+
+    /// Replaces the policy; takes effect at the next operation.
+    pub fn set_policy(&self, policy: Policy) -> Result<()> {
+        policy.validate()?;
+        *self
+            .inner()
+            .policy
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = policy;
+        Ok(())
+    }
+
+    /// The engine's current time (one clock reading).
+    pub fn now(&self) -> Timestamp {
+        self.inner().clock.now()
+    }
+
+    /// The database directory (`None` for a temporary database).
+    pub fn path(&self) -> Option<&Path> {
+        self.inner().store.path()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        self.inner().store.size_on_disk()
+    }
+
+    /// Checks every record and index against each other and the invariants. Returns the
+    /// violations found (empty when healthy); reads the database once.
+    pub fn check_integrity(&self) -> Result<Vec<String>> {
+        crate::integrity::check(&self.inner().store)
+    }
+
+    /// Test hook: makes the `n`th storage transaction from now fail.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self, n: u64) {
+        self.inner().store.faults.fail_write_in(n);
+    }
+
+    /// Test hook: makes the `n`th durability flush from now fail.
+    #[doc(hidden)]
+    pub fn inject_flush_failure(&self, n: u64) {
+        self.inner().store.faults.fail_flush_in(n);
+    }
+}
+
+/// State only the writer-lock holder touches.
+struct Writer {
+    /// The next `seq` to hand out (persisted in `meta/seq` by every transaction that uses it).
+    next_seq: u64,
+    /// Applied wakeup sequences (may be ahead of the published ones until durable).
+    wake: HashMap<Uuid, u64>,
+}
+
+/// The engine shared by all handles and the sweeper.
+pub(crate) struct Inner {
+    store: Store,
+    writer: Mutex<Writer>,
+    policy: RwLock<Policy>,
+    clock: Arc<dyn Clock>,
+    wakeups: Wakeups,
+    poison: Mutex<Option<String>>,
+    payload_limit: usize,
+}
+
+/// One atomic step in the making: the writes, the `seq` counter and the wakeup bumps.
+struct Txn<'a> {
+    store: &'a Store,
+    writer: &'a mut Writer,
+    ws: WriteSet,
+    next_seq: u64,
+    wakes: Vec<(Uuid, u64)>,
+}
+
+/// A committed step: wait for `ticket`, then publish `wakes`.
+#[must_use]
+struct Committed {
+    ticket: u64,
+    wakes: Vec<(Uuid, u64)>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(store: &'a Store, writer: &'a mut Writer) -> Txn<'a> {
+        let next_seq = writer.next_seq;
+        Txn {
+            store,
+            writer,
+            ws: WriteSet::default(),
+            next_seq,
+            wakes: Vec::new(),
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn put(&mut self, old: Option<&Record>, new: Option<&Record>) -> Result<()> {
+        self.ws.record(old, new)
+    }
+
+    /// Bumps `pool`'s wakeup sequence once in this step; returns the new value.
+    fn wake(&mut self, pool: Uuid) -> Result<u64> {
+        if let Some((_, v)) = self.wakes.iter().find(|(p, _)| *p == pool) {
+            return Ok(*v);
+        }
+        let current = match self.writer.wake.get(&pool) {
+            Some(v) => *v,
+            None => self.store.get_u64(TreeId::Wakeups, &keys::wakeup(pool))?,
+        };
+        let next = current + 1;
+        self.wakes.push((pool, next));
+        Ok(next)
+    }
+
+    fn commit(mut self) -> Result<Committed> {
+        if self.ws.is_empty() && self.wakes.is_empty() {
+            return Ok(Committed {
+                ticket: self.store.applied_ticket(),
+                wakes: Vec::new(),
+            });
+        }
+        if self.next_seq != self.writer.next_seq {
+            self.ws.put(
+                TreeId::Meta,
+                keys::META_SEQ,
+                codec::encode_u64(self.next_seq),
+            );
+        }
+        for (pool, v) in &self.wakes {
+            self.ws
+                .put(TreeId::Wakeups, keys::wakeup(*pool), codec::encode_u64(*v));
+        }
+        let ticket = self.store.commit(&self.ws)?;
+        self.writer.next_seq = self.next_seq;
+        for (pool, v) in &self.wakes {
+            self.writer.wake.insert(*pool, *v);
+        }
+        Ok(Committed {
+            ticket,
+            wakes: self.wakes,
+        })
+    }
+}
+
+fn corrupt_view(rec: &Record, detail: String) -> Error {
+    Error::corrupted(
+        "messages",
+        &keys::message(rec.work_pool_id, rec.message_id),
+        detail,
+    )
+}
+
+/// A fencing token: 32 bytes from the OS, URL-safe base64 without padding (43 characters).
+fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("OS randomness failed: {e}"))))?;
+    Ok(base64url(&bytes))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+        }
+    }
+    out
+}
+
+type IndexIter = Peekable<Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec)>>>>;
+
+impl Inner {
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn policy(&self) -> Policy {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Refuses work once poisoned.
+    fn check(&self) -> Result<()> {
+        if let Some(why) = self
+            .poison
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        match self.store.failure() {
+            Some(e) => Err(Error::Poisoned(format!("a durability flush failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn poison(&self, why: String) {
+        let mut p = self.poison.lock().unwrap_or_else(|p| p.into_inner());
+        p.get_or_insert(why);
+    }
+
+    fn stored_wakeup(&self, pool: Uuid) -> Result<u64> {
+        self.store.get_u64(TreeId::Wakeups, &keys::wakeup(pool))
+    }
+
+    /// After the writer lock is released: durability, then wakeups.
+    fn finish(&self, c: Committed) -> Result<()> {
+        self.store.wait_durable(c.ticket)?;
+        for (pool, v) in c.wakes {
+            self.wakeups.publish(pool, v, || self.stored_wakeup(pool))?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self, m: &NewMessage) -> Result<(String, String)> {
+        if m.idempotency_key.is_empty() {
+            return Err(InputError::EmptyIdempotencyKey.into());
+        }
+        if m.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(InputError::IdempotencyKeyTooLong {
+                len: m.idempotency_key.len(),
+                max: MAX_IDEMPOTENCY_KEY_BYTES,
+            }
+            .into());
+        }
+        let target = match &m.target {
+            serde_json::Value::Object(o) => serde_json::to_string(o),
+            _ => return Err(InputError::NotAnObject { field: "target" }.into()),
+        };
+        let data = match &m.data {
+            None => Ok("{}".to_string()),
+            Some(serde_json::Value::Object(o)) => serde_json::to_string(o),
+            Some(_) => return Err(InputError::NotAnObject { field: "data" }.into()),
+        };
+        let (target, data) = match (target, data) {
+            (Ok(t), Ok(d)) => (t, d),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(Error::Storage(format!("cannot encode JSON: {e}")))
+            }
+        };
+        let size = target.len() + data.len();
+        if size > self.payload_limit {
+            return Err(InputError::PayloadTooLarge {
+                size,
+                limit: self.payload_limit,
+            }
+            .into());
+        }
+        Ok((target, data))
+    }
+
+    fn enqueue(&self, m: NewMessage) -> Result<Enqueued> {
+        self.check()?;
+        let (target, data) = self.validate(&m)?;
+        let policy = self.policy();
+        let pool = m.work_pool_id;
+        let mut writer = self.lock_writer();
+        let now = self.clock.now();
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let mut stale = Vec::new();
+
+        let mut existing = None;
+        if let Some(rec) = self.store.get_record(pool, m.message_id)? {
+            if !rec.is_live(now, &policy) {
+                stale.push(rec);
+            } else if rec.idempotency_key != m.idempotency_key {
+                return Err(InputError::MessageIdConflict.into());
+            } else {
+                existing = Some(rec);
+            }
+        }
+        if existing.is_none() {
+            let key = keys::idempotency(pool, &m.idempotency_key);
+            if let Some(v) = self.store.get(TreeId::Idempotency, &key)? {
+                let id =
+                    codec::decode_id(&v).map_err(|d| Error::corrupted("idempotency", &key, d))?;
+                let rec = self.store.get_record(pool, id)?.ok_or_else(|| {
+                    Error::corrupted("idempotency", &key, "points at a missing message")
+                })?;
+                if rec.is_live(now, &policy) {
+                    existing = Some(rec);
+                } else if !stale.iter().any(|s| s.message_id == rec.message_id) {
+                    stale.push(rec);
+                }
+            }
+        }
+
+        let (rec, duplicate) = match existing {
+            Some(rec) => {
+                if rec.state == State::Visible {
+                    txn.wake(pool)?;
+                }
+                (rec, true)
+            }
+            None => {
+                for s in &stale {
+                    txn.put(Some(s), None)?;
+                }
+                let seq = txn.seq();
+                let rec = Record::new_visible(
+                    pool,
+                    m.message_id,
+                    m.idempotency_key,
+                    m.kind,
+                    m.work_queue_id,
+                    target,
+                    data,
+                    now,
+                    seq,
+                );
+                txn.put(None, Some(&rec))?;
+                txn.wake(pool)?;
+                (rec, false)
+            }
+        };
+        let message = rec.message().map_err(|d| corrupt_view(&rec, d))?;
+        let committed = txn.commit()?;
+        drop(writer);
+        self.finish(committed)?;
+        Ok(Enqueued { message, duplicate })
+    }
+
+    fn reserve(&self, pool: Uuid, filter: &ReserveFilter) -> Result<Reserved> {
+        self.check()?;
+        let policy = self.policy();
+        let mut writer = self.lock_writer();
+        let now = self.clock.now();
+
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let expired = self.expire_into(&mut txn, RESERVE_EXPIRY_LIMIT, Some(pool), now, &policy)?;
+        let first = txn.commit()?;
+
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let mut out = Reserved {
+            expired,
+            ..Reserved::default()
+        };
+        let kinds: Vec<CleanupKind> = match &filter.cleanup_kinds {
+            None => CleanupKind::ALL.to_vec(),
+            Some(ks) => CleanupKind::ALL
+                .into_iter()
+                .filter(|k| ks.contains(k))
+                .collect(),
+        };
+        let passes: Vec<Option<&[Uuid]>> = match &filter.preferred_work_queue_ids {
+            None => vec![None],
+            Some(qs) if filter.allow_fallback_to_any_queue => vec![Some(qs), None],
+            Some(qs) => vec![Some(qs)],
+        };
+        let mut handled = HashSet::new();
+        'passes: for pass in passes {
+            let (tree, prefixes): (TreeId, Vec<Vec<u8>>) = match pass {
+                None => (
+                    TreeId::VisibleByKind,
+                    kinds
+                        .iter()
+                        .map(|k| keys::visible_by_kind_prefix(pool, *k).to_vec())
+                        .collect(),
+                ),
+                Some(queues) => {
+                    let mut qs = queues.to_vec();
+                    qs.sort();
+                    qs.dedup();
+                    (
+                        TreeId::VisibleByQueue,
+                        qs.iter()
+                            .flat_map(|q| {
+                                kinds.iter().map(move |k| {
+                                    keys::visible_by_queue_prefix(pool, *q, *k).to_vec()
+                                })
+                            })
+                            .collect(),
+                    )
+                }
+            };
+            let mut heads: Vec<IndexIter> = prefixes
+                .iter()
+                .map(|p| {
+                    let it: Box<dyn Iterator<Item = _>> = Box::new(self.store.scan_prefix(tree, p));
+                    it.peekable()
+                })
+                .collect();
+            while let Some((key, value)) = next_in_fifo_order(&mut heads)? {
+                let id =
+                    codec::decode_id(&value).map_err(|d| Error::corrupted(tree.name(), &key, d))?;
+                if !handled.insert(id) {
+                    continue;
+                }
+                let rec = match self.store.get_record(pool, id)? {
+                    Some(r) if r.state == State::Visible => r,
+                    _ => {
+                        return Err(Error::corrupted(
+                            tree.name(),
+                            &key,
+                            "visible index points at a message that is not visible",
+                        ))
+                    }
+                };
+                if rec.delivery_count >= policy.max_delivery_attempts {
+                    let dead = machine::dead_letter(&rec, now, None);
+                    txn.put(Some(&rec), Some(&dead))?;
+                    if let Some(dl) = dead.dead_letter().map_err(|d| corrupt_view(&dead, d))? {
+                        out.dead_lettered.push(dl);
+                    }
+                    continue;
+                }
+                let seq = txn.seq();
+                let reserved = machine::reserve(&rec, now, &policy, new_token()?, seq);
+                txn.put(Some(&rec), Some(&reserved))?;
+                out.reservation = reserved
+                    .reservation()
+                    .map_err(|d| corrupt_view(&reserved, d))?;
+                break 'passes;
+            }
+        }
+        let second = txn.commit()?;
+        drop(writer);
+        self.finish(first)?;
+        self.finish(second)?;
+        Ok(out)
+    }
+
+    fn lease_op(
+        &self,
+        op: Operation,
+        pool: Uuid,
+        id: Uuid,
+        token: &str,
+        release_reason: Option<&str>,
+    ) -> Result<OperationResult> {
+        if release_reason == Some("") {
+            return Err(InputError::EmptyReleaseReason.into());
+        }
+        self.check()?;
+        let policy = self.policy();
+        let mut writer = self.lock_writer();
+        let now = self.clock.now();
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let rec = self.store.get_record(pool, id)?;
+        let seq = txn.seq();
+        let outcome = machine::lease_op(op, rec.as_ref(), token, release_reason, now, &policy, seq);
+        let mut dead_letter = None;
+        if let Some(new) = &outcome.new {
+            txn.put(rec.as_ref(), Some(new))?;
+            if outcome.made_visible() {
+                txn.wake(pool)?;
+            }
+            dead_letter = new.dead_letter().map_err(|d| corrupt_view(new, d))?;
+        }
+        let committed = txn.commit()?;
+        drop(writer);
+        self.finish(committed)?;
+        Ok(OperationResult {
+            message_id: id,
+            operation: op,
+            status: outcome.status,
+            lease_expires_at: outcome.lease_expires_at,
+            reason: outcome.reason.map(str::to_string),
+            dead_letter,
+        })
+    }
+
+    pub(crate) fn expire_leases(
+        &self,
+        limit: usize,
+        pool: Option<Uuid>,
+    ) -> Result<LeaseExpiryResult> {
+        if limit == 0 {
+            return Err(InputError::LimitTooSmall.into());
+        }
+        self.check()?;
+        let policy = self.policy();
+        let mut writer = self.lock_writer();
+        let now = self.clock.now();
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let result = self.expire_into(&mut txn, limit, pool, now, &policy)?;
+        let committed = txn.commit()?;
+        drop(writer);
+        self.finish(committed)?;
+        Ok(result)
+    }
+
+    /// The expiry transition for up to `limit` due leases, most overdue first, into `txn`.
+    /// When nothing is due this is a single index seek.
+    fn expire_into(
+        &self,
+        txn: &mut Txn<'_>,
+        limit: usize,
+        pool: Option<Uuid>,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<LeaseExpiryResult> {
+        let mut due = Vec::new();
+        match pool {
+            Some(p) => {
+                let lo = keys::pool_prefix(p).to_vec();
+                let hi = keys::lease_by_pool_due_bound(p, now).to_vec();
+                for item in self.store.range(TreeId::LeasesByPool, lo..=hi).take(limit) {
+                    let (k, v) = item?;
+                    let id = codec::decode_id(&v)
+                        .map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
+                    due.push((p, id, k));
+                }
+            }
+            None => {
+                let hi = keys::lease_due_bound(now).to_vec();
+                for item in self.store.range(TreeId::Leases, ..=hi).take(limit) {
+                    let (k, v) = item?;
+                    let (p, id) = keys::parse_pool_id(&v, 0).ok_or_else(|| {
+                        Error::corrupted("leases", &k, "value is not a pool and id")
+                    })?;
+                    due.push((p, id, k));
+                }
+            }
+        }
+        let mut result = LeaseExpiryResult::default();
+        for (p, id, k) in due {
+            let rec = match self.store.get_record(p, id)? {
+                Some(r) if matches!(r.state, State::Reserved { .. }) => r,
+                _ => {
+                    return Err(Error::corrupted(
+                        "leases",
+                        &k,
+                        "lease index points at a message that is not reserved",
+                    ))
+                }
+            };
+            let seq = txn.seq();
+            let new = machine::expire(&rec, now, policy, seq);
+            txn.put(Some(&rec), Some(&new))?;
+            if new.state == State::Visible {
+                txn.wake(p)?;
+                result
+                    .redelivered
+                    .push(new.message().map_err(|d| corrupt_view(&new, d))?);
+            } else if let Some(dl) = new.dead_letter().map_err(|d| corrupt_view(&new, d))? {
+                result.dead_lettered.push(dl);
+            }
+        }
+        Ok(result)
+    }
+
+    pub(crate) fn prune_tombstones(&self, limit: usize) -> Result<usize> {
+        match self.policy().completed_retention {
+            Some(retention) => self.prune(retention, limit),
+            None => Ok(0),
+        }
+    }
+
+    fn prune(&self, retention: Duration, limit: usize) -> Result<usize> {
+        self.check()?;
+        let mut writer = self.lock_writer();
+        let now = self.clock.now();
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let hi = keys::tombstone_bound(now.saturating_sub(retention)).to_vec();
+        let mut n = 0;
+        for item in self.store.range(TreeId::Tombstones, ..=hi).take(limit) {
+            let (k, _) = item?;
+            let (p, id) = keys::parse_pool_id(&k, 8).ok_or_else(|| {
+                Error::corrupted("tombstones", &k, "key is not time, pool and id")
+            })?;
+            match self.store.get_record(p, id)? {
+                Some(rec) if matches!(rec.state, State::Acked { .. }) => {
+                    txn.put(Some(&rec), None)?
+                }
+                _ => {
+                    return Err(Error::corrupted(
+                        "tombstones",
+                        &k,
+                        "tombstone index points at a message that is not acked",
+                    ))
+                }
+            }
+            n += 1;
+        }
+        let committed = txn.commit()?;
+        drop(writer);
+        self.finish(committed)?;
+        Ok(n)
+    }
+
+    fn wake_dispatchers(&self, pool: Uuid) -> Result<Wakeup> {
+        self.check()?;
+        let mut writer = self.lock_writer();
+        let mut txn = Txn::new(&self.store, &mut writer);
+        let sequence = txn.wake(pool)?;
+        let committed = txn.commit()?;
+        drop(writer);
+        self.finish(committed)?;
+        Ok(Wakeup {
+            work_pool_id: pool,
+            sequence,
+        })
+    }
+
+    /// Reads one record of the pool and views it with `view`; waits until what it saw is
+    /// durable.
+    fn read<T>(
+        &self,
+        pool: Uuid,
+        id: Uuid,
+        view: impl FnOnce(&Record) -> std::result::Result<Option<T>, String>,
+    ) -> Result<Option<T>> {
+        self.check()?;
+        let out = match self.store.get_record(pool, id)? {
+            Some(rec) => view(&rec).map_err(|d| corrupt_view(&rec, d))?,
+            None => None,
+        };
+        self.store.wait_durable(self.store.applied_ticket())?;
+        Ok(out)
+    }
+}
+
+/// Takes the entry with the smallest FIFO position (`visible_at`, `seq`) among the heads.
+fn next_in_fifo_order(heads: &mut [IndexIter]) -> Result<Option<(sled::IVec, sled::IVec)>> {
+    let mut best: Option<(usize, Vec<u8>)> = None;
+    for (i, head) in heads.iter_mut().enumerate() {
+        let suffix = match head.peek() {
+            None => continue,
+            Some(Err(_)) => return head.next().transpose().map(|_| None),
+            Some(Ok((k, _))) => keys::fifo_suffix(k).unwrap_or_default().to_vec(),
+        };
+        if best.as_ref().is_none_or(|(_, b)| suffix < *b) {
+            best = Some((i, suffix));
+        }
+    }
+    match best {
+        Some((i, _)) => heads[i].next().transpose(),
+        None => Ok(None),
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Queue>();
+    let _ = store::decode_record_at;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_matches_python_token_urlsafe_shape() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        let t = new_token().unwrap();
+        assert_eq!(t.len(), 43);
+        assert_ne!(t, new_token().unwrap());
+    }
+}

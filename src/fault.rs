@@ -1,0 +1,47 @@
+//! Test-only failure injection in the storage layer: make the Nth transaction or the Nth
+//! flush fail, to prove that every state change is all-or-nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// Counters and triggers. 0 means "never fail".
+#[derive(Default, Debug)]
+pub(crate) struct Faults {
+    writes: AtomicU64,
+    fail_write: AtomicU64,
+    flushes: AtomicU64,
+    fail_flush: AtomicU64,
+}
+
+impl Faults {
+    /// Fails the `n`th transaction from now (1 = the next one).
+    pub fn fail_write_in(&self, n: u64) {
+        let now = self.writes.load(Ordering::SeqCst);
+        self.fail_write.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Fails the `n`th flush from now (1 = the next one).
+    pub fn fail_flush_in(&self, n: u64) {
+        let now = self.flushes.load(Ordering::SeqCst);
+        self.fail_flush.store(now + n, Ordering::SeqCst);
+    }
+
+    pub fn before_write(&self) -> Result<()> {
+        trip(&self.writes, &self.fail_write, "write")
+    }
+
+    pub fn before_flush(&self) -> Result<()> {
+        trip(&self.flushes, &self.fail_flush, "flush")
+    }
+}
+
+fn trip(count: &AtomicU64, at: &AtomicU64, what: &str) -> Result<()> {
+    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+    if at.load(Ordering::SeqCst) == n {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "injected {what} failure"
+        ))));
+    }
+    Ok(())
+}

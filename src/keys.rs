@@ -1,0 +1,238 @@
+//! Every sled key the engine writes, built here and nowhere else.
+//!
+//! All integers are big-endian so that byte order is numeric order. Timestamps (`ts`) are
+//! `i64` microseconds with the sign bit flipped, so negative instants sort first. `seq` is the
+//! engine-wide monotonic stamp of a record's last transition; it makes every index key unique
+//! and breaks ties FIFO.
+//!
+//! | tree               | key                                              | value         | what for |
+//! |--------------------|--------------------------------------------------|---------------|----------|
+//! | `messages`         | pool(16) id(16)                                  | record        | every message in every state: one record, so one state |
+//! | `idempotency`      | pool(16) key-bytes                               | id(16)        | duplicate detection by `(pool, idempotency_key)` |
+//! | `visible_by_kind`  | pool(16) kind(1) visible_at(8) seq(8)            | id(16)        | reserve without a queue preference, FIFO per kind |
+//! | `visible_by_queue` | pool(16) queue(16) kind(1) visible_at(8) seq(8)  | id(16)        | reserve restricted to preferred queues |
+//! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | id(16)        | expiry of one pool, most overdue first |
+//! | `leases`           | lease_expires_at(8) seq(8)                       | pool(16) id(16) | expiry across pools |
+//! | `tombstones`       | completed_at(8) pool(16) id(16)                  | empty         | pruning acked messages past retention, oldest first |
+//! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
+//! | `meta`             | `b"format"` / `b"seq"`                           | u8 / u64      | format version; the next `seq` |
+//!
+//! Which index entries a record owns is decided by [`index_entries`] alone: the engine
+//! writes the difference between a record's old and new entries, and `check_integrity`
+//! recomputes them from the records.
+
+use uuid::Uuid;
+
+use crate::clock::Timestamp;
+use crate::machine::{Record, State};
+use crate::model::CleanupKind;
+
+/// The trees, in the order the store opens them (the index into its tree list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum TreeId {
+    Messages = 0,
+    Idempotency,
+    VisibleByKind,
+    VisibleByQueue,
+    LeasesByPool,
+    Leases,
+    Tombstones,
+    Wakeups,
+    Meta,
+}
+
+impl TreeId {
+    pub const ALL: [TreeId; 9] = [
+        TreeId::Messages,
+        TreeId::Idempotency,
+        TreeId::VisibleByKind,
+        TreeId::VisibleByQueue,
+        TreeId::LeasesByPool,
+        TreeId::Leases,
+        TreeId::Tombstones,
+        TreeId::Wakeups,
+        TreeId::Meta,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            TreeId::Messages => "messages",
+            TreeId::Idempotency => "idempotency",
+            TreeId::VisibleByKind => "visible_by_kind",
+            TreeId::VisibleByQueue => "visible_by_queue",
+            TreeId::LeasesByPool => "leases_by_pool",
+            TreeId::Leases => "leases",
+            TreeId::Tombstones => "tombstones",
+            TreeId::Wakeups => "wakeups",
+            TreeId::Meta => "meta",
+        }
+    }
+
+    /// The trees that are pure functions of the `messages` tree.
+    pub const INDEXES: [TreeId; 6] = [
+        TreeId::Idempotency,
+        TreeId::VisibleByKind,
+        TreeId::VisibleByQueue,
+        TreeId::LeasesByPool,
+        TreeId::Leases,
+        TreeId::Tombstones,
+    ];
+}
+
+pub(crate) const META_FORMAT: &[u8] = b"format";
+pub(crate) const META_SEQ: &[u8] = b"seq";
+
+/// A timestamp as 8 bytes that sort like the instants.
+pub(crate) fn ts(t: Timestamp) -> [u8; 8] {
+    ((t.as_micros() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Concatenates byte pieces into one key.
+fn cat<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut at = 0;
+    for p in parts {
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    out
+}
+
+pub(crate) fn message(pool: Uuid, id: Uuid) -> [u8; 32] {
+    cat(&[pool.as_bytes(), id.as_bytes()])
+}
+
+pub(crate) fn pool_prefix(pool: Uuid) -> [u8; 16] {
+    *pool.as_bytes()
+}
+
+pub(crate) fn idempotency(pool: Uuid, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + key.len());
+    k.extend_from_slice(pool.as_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+pub(crate) fn visible_by_kind_prefix(pool: Uuid, kind: CleanupKind) -> [u8; 17] {
+    cat(&[pool.as_bytes(), &[kind.code()]])
+}
+
+pub(crate) fn visible_by_queue_prefix(pool: Uuid, queue: Uuid, kind: CleanupKind) -> [u8; 33] {
+    cat(&[pool.as_bytes(), queue.as_bytes(), &[kind.code()]])
+}
+
+pub(crate) fn wakeup(pool: Uuid) -> [u8; 16] {
+    *pool.as_bytes()
+}
+
+/// The FIFO position at the end of every visible-index key: `visible_at(8) seq(8)`.
+pub(crate) fn fifo_suffix(key: &[u8]) -> Option<&[u8]> {
+    key.len().checked_sub(16).map(|at| &key[at..])
+}
+
+/// The greatest `leases_by_pool` key of `pool` due at `now` (inclusive upper bound).
+pub(crate) fn lease_by_pool_due_bound(pool: Uuid, now: Timestamp) -> [u8; 32] {
+    cat(&[pool.as_bytes(), &ts(now), &u64::MAX.to_be_bytes()])
+}
+
+/// The greatest `leases` key due at `now` (inclusive upper bound).
+pub(crate) fn lease_due_bound(now: Timestamp) -> [u8; 16] {
+    cat(&[&ts(now), &u64::MAX.to_be_bytes()])
+}
+
+/// The greatest `tombstones` key completed at or before `t` (inclusive upper bound).
+pub(crate) fn tombstone_bound(t: Timestamp) -> [u8; 40] {
+    cat(&[&ts(t), &[0xff; 32]])
+}
+
+/// Every index entry `(tree, key, value)` that `rec` owns.
+pub(crate) fn index_entries(rec: &Record) -> Vec<(TreeId, Vec<u8>, Vec<u8>)> {
+    let pool = rec.work_pool_id.as_bytes();
+    let id = rec.message_id.as_bytes();
+    let mut out = vec![(
+        TreeId::Idempotency,
+        idempotency(rec.work_pool_id, &rec.idempotency_key),
+        id.to_vec(),
+    )];
+    let seq = rec.seq.to_be_bytes();
+    match &rec.state {
+        State::Visible => {
+            let at = ts(rec.visible_at);
+            let kind = [rec.kind.code()];
+            out.push((
+                TreeId::VisibleByKind,
+                [pool.as_slice(), &kind, &at, &seq].concat(),
+                id.to_vec(),
+            ));
+            if let Some(queue) = rec.work_queue_id {
+                out.push((
+                    TreeId::VisibleByQueue,
+                    [pool.as_slice(), queue.as_bytes(), &kind, &at, &seq].concat(),
+                    id.to_vec(),
+                ));
+            }
+        }
+        State::Reserved {
+            lease_expires_at, ..
+        } => {
+            let lease = ts(*lease_expires_at);
+            out.push((
+                TreeId::LeasesByPool,
+                [pool.as_slice(), &lease, &seq].concat(),
+                id.to_vec(),
+            ));
+            out.push((
+                TreeId::Leases,
+                [lease.as_slice(), &seq].concat(),
+                [pool.as_slice(), id].concat(),
+            ));
+        }
+        State::Acked { completed_at } => out.push((
+            TreeId::Tombstones,
+            [ts(*completed_at).as_slice(), pool, id].concat(),
+            Vec::new(),
+        )),
+        State::Dead { .. } => {}
+    }
+    out
+}
+
+/// A 16-byte id from a key or value slice.
+pub(crate) fn uuid_at(bytes: &[u8], at: usize) -> Option<Uuid> {
+    let b: [u8; 16] = bytes.get(at..at + 16)?.try_into().ok()?;
+    Some(Uuid::from_bytes(b))
+}
+
+/// A `messages` key: `(pool, id)`.
+pub(crate) fn parse_message(key: &[u8]) -> Option<(Uuid, Uuid)> {
+    (key.len() == 32).then_some(())?;
+    Some((uuid_at(key, 0)?, uuid_at(key, 16)?))
+}
+
+/// A `leases` value or a `tombstones` key tail: `(pool, id)` at `at`.
+pub(crate) fn parse_pool_id(bytes: &[u8], at: usize) -> Option<(Uuid, Uuid)> {
+    (bytes.len() == at + 32).then_some(())?;
+    Some((uuid_at(bytes, at)?, uuid_at(bytes, at + 16)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_sort_like_instants() {
+        let xs = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
+        for w in xs.windows(2) {
+            let (a, b) = (Timestamp::from_micros(w[0]), Timestamp::from_micros(w[1]));
+            assert!(ts(a) < ts(b));
+        }
+    }
+
+    #[test]
+    fn parsers_reject_wrong_lengths() {
+        assert!(parse_message(&[0; 31]).is_none());
+        assert!(parse_message(&[0; 33]).is_none());
+        assert!(parse_pool_id(&[0; 40], 8).is_some());
+        assert!(parse_pool_id(&[0; 39], 8).is_none());
+    }
+}

@@ -1,0 +1,61 @@
+//! # cleanup-queue
+//!
+//! An embedded, durable engine for Prefect's worker cleanup delivery queue
+//! (`WorkerCleanupQueue`): at-least-once delivery with exactly one live reservation per
+//! message, fenced by an unguessable token; ack / release / renew; lease expiry by a
+//! background sweeper; retries, then a dead-letter queue; idempotent enqueue; strict
+//! work-pool isolation; per-pool wakeup sequences. State lives in sled trees and changes
+//! only through multi-tree transactions; a mutating call returns after its effect is on disk.
+//!
+//! ```
+//! use cleanup_queue::{CleanupKind, NewMessage, OpStatus, Queue, ReserveFilter};
+//! use serde_json::json;
+//! use uuid::Uuid;
+//!
+//! let queue = Queue::temporary().open()?;
+//! let pool = Uuid::new_v4();
+//! let id = Uuid::new_v4();
+//! queue.enqueue(NewMessage::new(
+//!     pool,
+//!     id,
+//!     "flow-run-42:cancel",
+//!     CleanupKind::CancellingTimeoutTeardown,
+//!     json!({"flow_run_id": "42", "infrastructure_pid": "k8s:job-42"}),
+//! ))?;
+//! assert_eq!(queue.read_wakeup_sequence(pool)?, 1);
+//!
+//! let r = queue.reserve(pool, &ReserveFilter::any())?.expect("one message is visible");
+//! assert_eq!(r.message.delivery_count, 1);
+//! let done = queue.ack(pool, id, &r.reservation_token)?;
+//! assert_eq!(done.status, OpStatus::Accepted);
+//! assert!(queue.read_message(pool, id)?.is_none());
+//! # Ok::<(), cleanup_queue::Error>(())
+//! ```
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+#![warn(clippy::unwrap_used)]
+
+mod clock;
+mod codec;
+mod engine;
+mod error;
+mod fault;
+mod integrity;
+mod keys;
+mod machine;
+mod model;
+mod policy;
+mod store;
+mod sweeper;
+mod wakeup;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use engine::{Enqueued, Queue, QueueBuilder, Reserved, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use error::{Error, InputError, Result};
+pub use model::{
+    reason, CleanupKind, DeadLetter, JsonObject, LeaseExpiryResult, Message, NewMessage, OpStatus,
+    Operation, OperationResult, Reservation, ReserveFilter, Wakeup,
+};
+pub use policy::Policy;
+pub use store::Durability;

@@ -1,0 +1,357 @@
+//! The only module that touches sled: opening the trees, reading, committing write sets as
+//! one multi-tree transaction, and group commit (many callers share one flush).
+//!
+//! Group commit works without a thread of its own: a caller whose write is not yet durable
+//! either becomes the flush leader (notes how many transactions are applied, flushes once,
+//! publishes that count as durable) or waits on a condvar for the leader in progress. A
+//! lone caller flushes exactly once; a crowd shares one flush per round.
+
+use std::fs::File;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sled::transaction::{TransactionError, Transactional};
+use uuid::Uuid;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::keys::{self, TreeId};
+use crate::machine::Record;
+
+/// What "returned" means for a mutating call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Flush the log and `fdatasync` the data file before returning: survives process crash,
+    /// kernel crash and power loss (on a disk that honours flushes). The default.
+    Fsync,
+    /// Flush the log to the OS (`pwrite` + `sync_file_range`) before returning: survives a
+    /// process crash; a power loss may lose recent operations.
+    Flush,
+    /// Return at once; the storage library flushes and fsyncs in the background every
+    /// `every`. A crash of any kind may lose the operations of the last interval.
+    Buffered {
+        /// The background flush interval (rounded up to whole milliseconds).
+        every: Duration,
+    },
+}
+
+/// Where the database lives.
+pub(crate) enum Location {
+    Path(PathBuf),
+    Temporary,
+}
+
+/// Store settings from the builder.
+pub(crate) struct StoreConfig {
+    pub location: Location,
+    pub cache_capacity: u64,
+    pub durability: Durability,
+}
+
+/// A set of puts and deletes applied as one atomic transaction.
+#[derive(Default, Debug)]
+pub(crate) struct WriteSet {
+    ops: Vec<(TreeId, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteSet {
+    pub fn put(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), Some(value.into())));
+    }
+
+    pub fn delete(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Replaces record `old` by `new` (either may be absent), with exactly the index changes
+    /// that `keys::index_entries` implies.
+    pub fn record(&mut self, old: Option<&Record>, new: Option<&Record>) -> Result<()> {
+        let old_entries = old.map(keys::index_entries).unwrap_or_default();
+        let new_entries = new.map(keys::index_entries).unwrap_or_default();
+        for (tree, key, _) in &old_entries {
+            if !new_entries.iter().any(|(t, k, _)| t == tree && k == key) {
+                self.delete(*tree, key.clone());
+            }
+        }
+        for entry in new_entries {
+            if !old_entries.contains(&entry) {
+                self.ops.push((entry.0, entry.1, Some(entry.2)));
+            }
+        }
+        match (old, new) {
+            (_, Some(n)) => {
+                let bytes = codec::encode_record(n).map_err(Error::Storage)?;
+                self.put(
+                    TreeId::Messages,
+                    keys::message(n.work_pool_id, n.message_id),
+                    bytes,
+                );
+            }
+            (Some(o), None) => self.delete(
+                TreeId::Messages,
+                keys::message(o.work_pool_id, o.message_id),
+            ),
+            (None, None) => {}
+        }
+        Ok(())
+    }
+}
+
+struct FlushState {
+    /// Every transaction with a ticket `<= durable` is on disk.
+    durable: u64,
+    /// A leader is flushing right now.
+    flushing: bool,
+    /// A flush failed: the disk may be behind memory for good.
+    failed: Option<String>,
+}
+
+pub(crate) struct Store {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    durability: Durability,
+    /// The data file, for `fdatasync` in `Fsync` mode.
+    sync_file: Option<File>,
+    /// Tickets handed out: one per committed transaction, in commit order.
+    applied: AtomicU64,
+    flush: Mutex<FlushState>,
+    flushed: Condvar,
+    path: Option<PathBuf>,
+    /// Test-only failure injection.
+    pub(crate) faults: crate::fault::Faults,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Segments large enough that no record is ever written as a separate blob file (sled
+/// writes a node larger than a quarter segment as a blob, and does not fsync blobs).
+const SEGMENT_SIZE: usize = 8 << 20;
+
+impl Store {
+    pub fn open(config: StoreConfig) -> Result<Store> {
+        let mut sled_config = sled::Config::new()
+            .cache_capacity(config.cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            .segment_size(SEGMENT_SIZE)
+            .flush_every_ms(match config.durability {
+                Durability::Buffered { every } => {
+                    Some(u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1))
+                }
+                _ => None,
+            });
+        let path = match &config.location {
+            Location::Path(p) => {
+                sled_config = sled_config.path(p);
+                Some(p.clone())
+            }
+            Location::Temporary => {
+                sled_config = sled_config.temporary(true);
+                None
+            }
+        };
+        let db = sled_config
+            .open()
+            .map_err(|e| open_error(e, path.as_deref()))?;
+        let trees = TreeId::ALL
+            .iter()
+            .map(|t| db.open_tree(t.name()))
+            .collect::<sled::Result<Vec<_>>>()?;
+        let sync_file = match (&path, config.durability) {
+            (Some(p), Durability::Fsync) => Some(File::open(p.join("db"))?),
+            _ => None,
+        };
+        let store = Store {
+            db,
+            trees,
+            durability: config.durability,
+            sync_file,
+            applied: AtomicU64::new(0),
+            flush: Mutex::new(FlushState {
+                durable: 0,
+                flushing: false,
+                failed: None,
+            }),
+            flushed: Condvar::new(),
+            path,
+            faults: Default::default(),
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    /// Writes the format byte into a new database; refuses one written by another format.
+    fn check_format(&self) -> Result<()> {
+        match self.tree(TreeId::Meta).get(keys::META_FORMAT)? {
+            Some(v) if v.as_ref() == [codec::FORMAT_V1] => Ok(()),
+            Some(v) => Err(Error::corrupted(
+                "meta",
+                keys::META_FORMAT,
+                format!("unsupported database format {:?}", v.as_ref()),
+            )),
+            None => {
+                let mut ws = WriteSet::default();
+                ws.put(TreeId::Meta, keys::META_FORMAT, vec![codec::FORMAT_V1]);
+                let ticket = self.commit(&ws)?;
+                self.wait_durable(ticket)
+            }
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn tree(&self, t: TreeId) -> &sled::Tree {
+        &self.trees[t as usize]
+    }
+
+    pub fn get(&self, t: TreeId, key: &[u8]) -> Result<Option<sled::IVec>> {
+        Ok(self.tree(t).get(key)?)
+    }
+
+    /// The record at `(pool, id)`, decoded.
+    pub fn get_record(&self, pool: Uuid, id: Uuid) -> Result<Option<Record>> {
+        let key = keys::message(pool, id);
+        match self.get(TreeId::Messages, &key)? {
+            None => Ok(None),
+            Some(bytes) => decode_record_at(&key, &bytes).map(Some),
+        }
+    }
+
+    /// A counter (`wakeups`, `meta/seq`), 0 when absent.
+    pub fn get_u64(&self, t: TreeId, key: &[u8]) -> Result<u64> {
+        match self.get(t, key)? {
+            None => Ok(0),
+            Some(v) => codec::decode_u64(&v).map_err(|d| Error::corrupted(t.name(), key, d)),
+        }
+    }
+
+    pub fn range<R: RangeBounds<Vec<u8>>>(
+        &self,
+        t: TreeId,
+        range: R,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + use<R> {
+        self.tree(t).range(range).map(|r| r.map_err(Error::from))
+    }
+
+    pub fn scan_prefix(
+        &self,
+        t: TreeId,
+        prefix: &[u8],
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + use<> {
+        self.tree(t)
+            .scan_prefix(prefix)
+            .map(|r| r.map_err(Error::from))
+    }
+
+    /// Applies `ws` as one transaction over all trees and returns its durability ticket.
+    /// Callers serialise commits (the engine's writer lock), so tickets follow log order.
+    pub fn commit(&self, ws: &WriteSet) -> Result<u64> {
+        self.faults.before_write()?;
+        let result: std::result::Result<(), TransactionError<()>> =
+            self.trees[..].transaction(|views| {
+                for (tree, key, value) in &ws.ops {
+                    let view = &views[*tree as usize];
+                    match value {
+                        Some(v) => view.insert(key.as_slice(), v.as_slice())?,
+                        None => view.remove(key.as_slice())?,
+                    };
+                }
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(self.applied.fetch_add(1, Ordering::SeqCst) + 1),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => Err(Error::Storage("transaction aborted".into())),
+        }
+    }
+
+    /// The ticket of the last applied transaction: waiting for it makes everything a reader
+    /// has seen durable.
+    pub fn applied_ticket(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// The failure of an earlier flush, if any.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.flush).failed.clone()
+    }
+
+    /// Returns once transaction `ticket` is as durable as the mode promises.
+    pub fn wait_durable(&self, ticket: u64) -> Result<()> {
+        if let Durability::Buffered { .. } = self.durability {
+            return Ok(());
+        }
+        let mut st = lock(&self.flush);
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(Error::Poisoned(format!("a durability flush failed: {e}")));
+            }
+            if st.durable >= ticket {
+                return Ok(());
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.flushing = true;
+            let target = self.applied.load(Ordering::SeqCst);
+            drop(st);
+            let r = self.flush_now();
+            st = lock(&self.flush);
+            st.flushing = false;
+            match r {
+                Ok(()) => st.durable = st.durable.max(target),
+                Err(e) => st.failed = Some(e.to_string()),
+            }
+            self.flushed.notify_all();
+        }
+    }
+
+    fn flush_now(&self) -> Result<()> {
+        self.faults.before_flush()?;
+        self.db.flush()?;
+        if let Some(f) = &self.sync_file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Decodes the record stored at `messages/key`, naming the key when the bytes are bad.
+pub(crate) fn decode_record_at(key: &[u8], bytes: &[u8]) -> Result<Record> {
+    let rec = codec::decode_record(bytes).map_err(|d| Error::corrupted("messages", key, d))?;
+    if keys::message(rec.work_pool_id, rec.message_id) != key {
+        return Err(Error::corrupted(
+            "messages",
+            key,
+            "the record's pool and id do not match its key",
+        ));
+    }
+    Ok(rec)
+}
+
+fn open_error(e: sled::Error, path: Option<&Path>) -> Error {
+    match (&e, path) {
+        (sled::Error::Io(io), Some(p)) if io.to_string().contains("could not acquire lock") => {
+            Error::InUse {
+                path: p.to_path_buf(),
+            }
+        }
+        _ => Error::from(e),
+    }
+}
