@@ -76,6 +76,43 @@ pub(crate) fn decode_id(bytes: &[u8]) -> Result<Uuid, String> {
     Ok(Uuid::from_bytes(b))
 }
 
+/// One line of an export file (JSON lines). Indexes are not exported: they follow from
+/// the records.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ExportLine {
+    Meta {
+        format: u8,
+        next_seq: u64,
+    },
+    Message {
+        record: Record,
+    },
+    Wakeup {
+        work_pool_id: Uuid,
+        sequence: u64,
+    },
+    Metric {
+        counter: crate::metrics::Counter,
+        value: u64,
+    },
+    Redrive {
+        work_pool_id: Uuid,
+        message_id: Uuid,
+        seq: u64,
+        record: crate::model::RedriveRecord,
+    },
+}
+
+/// A redrive audit record as stored (JSON text: it is a log, read by people and tools).
+pub(crate) fn encode_redrive(r: &crate::model::RedriveRecord) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(r).map_err(|e| format!("cannot encode redrive record: {e}"))
+}
+
+pub(crate) fn decode_redrive(bytes: &[u8]) -> Result<crate::model::RedriveRecord, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("undecodable redrive record: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //!
 //! Reads take no lock; they wait for the durability of whatever they observed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -24,6 +24,7 @@ use crate::codec;
 use crate::error::{Error, InputError, Result};
 use crate::keys::{self, TreeId};
 use crate::machine::{self, Record, State};
+use crate::metrics::{Counter, Metrics};
 use crate::model::{
     CleanupKind, DeadLetter, LeaseExpiryResult, Message, NewMessage, Operation, OperationResult,
     Reservation, ReserveFilter, Wakeup,
@@ -172,11 +173,14 @@ impl QueueBuilder {
             durability: self.durability,
         })?;
         let next_seq = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
+        let metrics = load_metrics(&store)?;
         let inner = Arc::new(Inner {
             store,
             writer: Mutex::new(Writer {
                 next_seq,
                 wake: HashMap::new(),
+                metrics,
+                dirty: BTreeSet::new(),
             }),
             policy: RwLock::new(self.policy),
             clock: self.clock,
@@ -254,7 +258,7 @@ impl Queue {
         QueueBuilder::temporary()
     }
 
-    fn inner(&self) -> &Inner {
+    pub(crate) fn inner(&self) -> &Inner {
         &self.handle.inner
     }
 
@@ -435,6 +439,13 @@ impl Queue {
         self.inner().store.path()
     }
 
+    /// Every counter since the database was created (Prefect's metric names and labels).
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            counters: self.inner().lock_writer().metrics.clone(),
+        }
+    }
+
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         self.inner().store.size_on_disk()
@@ -460,42 +471,46 @@ impl Queue {
 }
 
 /// State only the writer-lock holder touches.
-struct Writer {
+pub(crate) struct Writer {
     /// The next `seq` to hand out (persisted in `meta/seq` by every transaction that uses it).
-    next_seq: u64,
+    pub(crate) next_seq: u64,
     /// Applied wakeup sequences (may be ahead of the published ones until durable).
-    wake: HashMap<Uuid, u64>,
+    pub(crate) wake: HashMap<Uuid, u64>,
+    /// Every counter's value; `dirty` ones are ahead of the `metrics` tree.
+    pub(crate) metrics: BTreeMap<Counter, u64>,
+    pub(crate) dirty: BTreeSet<Counter>,
 }
 
 /// The engine shared by all handles and the sweeper.
 pub(crate) struct Inner {
-    store: Store,
+    pub(crate) store: Store,
     writer: Mutex<Writer>,
     policy: RwLock<Policy>,
-    clock: Arc<dyn Clock>,
-    wakeups: Wakeups,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) wakeups: Wakeups,
     poison: Mutex<Option<String>>,
     payload_limit: usize,
 }
 
 /// One atomic step in the making: the writes, the `seq` counter and the wakeup bumps.
-struct Txn<'a> {
+pub(crate) struct Txn<'a> {
     store: &'a Store,
     writer: &'a mut Writer,
     ws: WriteSet,
     next_seq: u64,
     wakes: Vec<(Uuid, u64)>,
+    counts: Vec<Counter>,
 }
 
 /// A committed step: wait for `ticket`, then publish `wakes`.
 #[must_use]
-struct Committed {
-    ticket: u64,
+pub(crate) struct Committed {
+    pub(crate) ticket: u64,
     wakes: Vec<(Uuid, u64)>,
 }
 
 impl<'a> Txn<'a> {
-    fn new(store: &'a Store, writer: &'a mut Writer) -> Txn<'a> {
+    pub(crate) fn new(store: &'a Store, writer: &'a mut Writer) -> Txn<'a> {
         let next_seq = writer.next_seq;
         Txn {
             store,
@@ -503,21 +518,47 @@ impl<'a> Txn<'a> {
             ws: WriteSet::default(),
             next_seq,
             wakes: Vec::new(),
+            counts: Vec::new(),
         }
     }
 
-    fn seq(&mut self) -> u64 {
+    /// Writes one raw key (import, audit records).
+    pub(crate) fn put_raw(
+        &mut self,
+        tree: TreeId,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        self.ws.put(tree, key, value);
+    }
+
+    /// Counts one event in this step.
+    pub(crate) fn count(&mut self, c: Counter) {
+        self.counts.push(c);
+    }
+
+    /// Counts a move to the DLQ.
+    pub(crate) fn count_dead(&mut self, rec: &Record) {
+        if let State::Dead { reason, .. } = &rec.state {
+            self.count(Counter::DeadLetter {
+                kind: rec.kind.as_str().to_string(),
+                reason: reason.clone(),
+            });
+        }
+    }
+
+    pub(crate) fn seq(&mut self) -> u64 {
         let s = self.next_seq;
         self.next_seq += 1;
         s
     }
 
-    fn put(&mut self, old: Option<&Record>, new: Option<&Record>) -> Result<()> {
+    pub(crate) fn put(&mut self, old: Option<&Record>, new: Option<&Record>) -> Result<()> {
         self.ws.record(old, new)
     }
 
     /// Bumps `pool`'s wakeup sequence once in this step; returns the new value.
-    fn wake(&mut self, pool: Uuid) -> Result<u64> {
+    pub(crate) fn wake(&mut self, pool: Uuid) -> Result<u64> {
         if let Some((_, v)) = self.wakes.iter().find(|(p, _)| *p == pool) {
             return Ok(*v);
         }
@@ -530,8 +571,13 @@ impl<'a> Txn<'a> {
         Ok(next)
     }
 
-    fn commit(mut self) -> Result<Committed> {
+    pub(crate) fn commit(mut self) -> Result<Committed> {
         if self.ws.is_empty() && self.wakes.is_empty() {
+            // Nothing to write: the counts wait in memory for the next transaction.
+            for c in self.counts {
+                *self.writer.metrics.entry(c.clone()).or_insert(0) += 1;
+                self.writer.dirty.insert(c);
+            }
             return Ok(Committed {
                 ticket: self.store.applied_ticket(),
                 wakes: Vec::new(),
@@ -548,7 +594,23 @@ impl<'a> Txn<'a> {
             self.ws
                 .put(TreeId::Wakeups, keys::wakeup(*pool), codec::encode_u64(*v));
         }
+        let mut metrics: BTreeMap<Counter, u64> = self
+            .writer
+            .dirty
+            .iter()
+            .map(|c| (c.clone(), self.writer.metrics.get(c).copied().unwrap_or(0)))
+            .collect();
+        for c in &self.counts {
+            let base = self.writer.metrics.get(c).copied().unwrap_or(0);
+            *metrics.entry(c.clone()).or_insert(base) += 1;
+        }
+        for (c, v) in &metrics {
+            self.ws
+                .put(TreeId::Metrics, keys::metric(c), codec::encode_u64(*v));
+        }
         let ticket = self.store.commit(&self.ws)?;
+        self.writer.dirty.clear();
+        self.writer.metrics.extend(metrics);
         self.writer.next_seq = self.next_seq;
         for (pool, v) in &self.wakes {
             self.writer.wake.insert(*pool, *v);
@@ -560,7 +622,7 @@ impl<'a> Txn<'a> {
     }
 }
 
-fn corrupt_view(rec: &Record, detail: String) -> Error {
+pub(crate) fn corrupt_view(rec: &Record, detail: String) -> Error {
     Error::corrupted(
         "messages",
         &keys::message(rec.work_pool_id, rec.message_id),
@@ -597,7 +659,7 @@ fn base64url(bytes: &[u8]) -> String {
 type IndexIter = Peekable<Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec)>>>>;
 
 impl Inner {
-    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -609,7 +671,7 @@ impl Inner {
     }
 
     /// Refuses work once poisoned.
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if let Some(why) = self
             .poison
             .lock()
@@ -629,12 +691,12 @@ impl Inner {
         p.get_or_insert(why);
     }
 
-    fn stored_wakeup(&self, pool: Uuid) -> Result<u64> {
+    pub(crate) fn stored_wakeup(&self, pool: Uuid) -> Result<u64> {
         self.store.get_u64(TreeId::Wakeups, &keys::wakeup(pool))
     }
 
     /// After the writer lock is released: durability, then wakeups.
-    fn finish(&self, c: Committed) -> Result<()> {
+    pub(crate) fn finish(&self, c: Committed) -> Result<()> {
         self.store.wait_durable(c.ticket)?;
         for (pool, v) in c.wakes {
             self.wakeups.publish(pool, v, || self.stored_wakeup(pool))?;
@@ -744,6 +806,10 @@ impl Inner {
             }
         };
         let message = rec.message().map_err(|d| corrupt_view(&rec, d))?;
+        txn.count(Counter::op(
+            "enqueue",
+            if duplicate { "duplicate" } else { "accepted" },
+        ));
         let committed = txn.commit()?;
         drop(writer);
         self.finish(committed)?;
@@ -829,6 +895,7 @@ impl Inner {
                 if rec.delivery_count >= policy.max_delivery_attempts {
                     let dead = machine::dead_letter(&rec, now, None);
                     txn.put(Some(&rec), Some(&dead))?;
+                    txn.count_dead(&dead);
                     if let Some(dl) = dead.dead_letter().map_err(|d| corrupt_view(&dead, d))? {
                         out.dead_lettered.push(dl);
                     }
@@ -837,6 +904,7 @@ impl Inner {
                 let seq = txn.seq();
                 let reserved = machine::reserve(&rec, now, &policy, new_token()?, seq);
                 txn.put(Some(&rec), Some(&reserved))?;
+                txn.count(Counter::op("reserve", "accepted"));
                 out.reservation = reserved
                     .reservation()
                     .map_err(|d| corrupt_view(&reserved, d))?;
@@ -876,7 +944,9 @@ impl Inner {
                 txn.wake(pool)?;
             }
             dead_letter = new.dead_letter().map_err(|d| corrupt_view(new, d))?;
+            txn.count_dead(new);
         }
+        txn.count(Counter::op(op.as_str(), outcome.status.as_str()));
         let committed = txn.commit()?;
         drop(writer);
         self.finish(committed)?;
@@ -958,6 +1028,15 @@ impl Inner {
             let seq = txn.seq();
             let new = machine::expire(&rec, now, policy, seq);
             txn.put(Some(&rec), Some(&new))?;
+            txn.count(Counter::LeaseExpiration {
+                result: if new.state == State::Visible {
+                    "redelivered"
+                } else {
+                    "dead_lettered"
+                }
+                .into(),
+            });
+            txn.count_dead(&new);
             if new.state == State::Visible {
                 txn.wake(p)?;
                 result
@@ -1039,6 +1118,18 @@ impl Inner {
         self.store.wait_durable(self.store.applied_ticket())?;
         Ok(out)
     }
+}
+
+pub(crate) fn load_metrics(store: &Store) -> Result<BTreeMap<Counter, u64>> {
+    let mut out = BTreeMap::new();
+    for item in store.range::<std::ops::RangeFull>(TreeId::Metrics, ..) {
+        let (k, v) = item?;
+        let c = keys::parse_metric(&k)
+            .ok_or_else(|| Error::corrupted("metrics", &k, "not a counter name"))?;
+        let v = codec::decode_u64(&v).map_err(|d| Error::corrupted("metrics", &k, d))?;
+        out.insert(c, v);
+    }
+    Ok(out)
 }
 
 /// Takes the entry with the smallest FIFO position (`visible_at`, `seq`) among the heads.

@@ -115,6 +115,20 @@ pub enum InputError {
     /// `expire_leases` with `limit == 0`.
     #[error("limit must be at least 1")]
     LimitTooSmall,
+    /// `redrive` with an empty reason.
+    #[error("redrive reason must be non-empty")]
+    EmptyRedriveReason,
+    /// `import` into a database that already holds state.
+    #[error("import needs an empty database")]
+    ImportIntoNonEmpty,
+    /// A line of an import file that cannot be used.
+    #[error("import line {line}: {detail}")]
+    BadImportLine {
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A policy value out of range.
     #[error("{0}")]
     InvalidPolicy(String),

@@ -16,6 +16,8 @@
 //! | `tombstones`       | completed_at(8) pool(16) id(16)                  | empty         | pruning acked messages past retention, oldest first |
 //! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
 //! | `meta`             | `b"format"` / `b"seq"`                           | u8 / u64      | format version; the next `seq` |
+//! | `metrics`          | family `\0` label `\0` label (`op`, `dlq`, `exp`)  | u64           | persisted counters |
+//! | `redrives`         | pool(16) id(16) seq(8)                           | audit JSON    | who redrove a dead letter, when and why |
 //!
 //! Which index entries a record owns is decided by [`index_entries`] alone: the engine
 //! writes the difference between a record's old and new entries, and `check_integrity`
@@ -25,6 +27,7 @@ use uuid::Uuid;
 
 use crate::clock::Timestamp;
 use crate::machine::{Record, State};
+use crate::metrics::Counter;
 use crate::model::CleanupKind;
 
 /// The trees, in the order the store opens them (the index into its tree list).
@@ -39,10 +42,12 @@ pub(crate) enum TreeId {
     Tombstones,
     Wakeups,
     Meta,
+    Metrics,
+    Redrives,
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 9] = [
+    pub const ALL: [TreeId; 11] = [
         TreeId::Messages,
         TreeId::Idempotency,
         TreeId::VisibleByKind,
@@ -52,6 +57,8 @@ impl TreeId {
         TreeId::Tombstones,
         TreeId::Wakeups,
         TreeId::Meta,
+        TreeId::Metrics,
+        TreeId::Redrives,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -65,6 +72,8 @@ impl TreeId {
             TreeId::Tombstones => "tombstones",
             TreeId::Wakeups => "wakeups",
             TreeId::Meta => "meta",
+            TreeId::Metrics => "metrics",
+            TreeId::Redrives => "redrives",
         }
     }
 
@@ -143,6 +152,38 @@ pub(crate) fn lease_due_bound(now: Timestamp) -> [u8; 16] {
 /// The greatest `tombstones` key completed at or before `t` (inclusive upper bound).
 pub(crate) fn tombstone_bound(t: Timestamp) -> [u8; 40] {
     cat(&[&ts(t), &[0xff; 32]])
+}
+
+/// A `metrics` key.
+pub(crate) fn metric(c: &Counter) -> Vec<u8> {
+    let parts: Vec<&str> = match c {
+        Counter::Operation { operation, status } => vec!["op", operation, status],
+        Counter::DeadLetter { kind, reason } => vec!["dlq", kind, reason],
+        Counter::LeaseExpiration { result } => vec!["exp", result],
+    };
+    parts.join("\0").into_bytes()
+}
+
+/// The counter a `metrics` key names.
+pub(crate) fn parse_metric(key: &[u8]) -> Option<Counter> {
+    let text = std::str::from_utf8(key).ok()?;
+    let parts: Vec<&str> = text.split('\0').collect();
+    match parts.as_slice() {
+        ["op", a, b] => Some(Counter::op(a, b)),
+        ["dlq", a, b] => Some(Counter::DeadLetter {
+            kind: a.to_string(),
+            reason: b.to_string(),
+        }),
+        ["exp", a] => Some(Counter::LeaseExpiration {
+            result: a.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// A `redrives` key.
+pub(crate) fn redrive(pool: Uuid, id: Uuid, seq: u64) -> [u8; 40] {
+    cat(&[pool.as_bytes(), id.as_bytes(), &seq.to_be_bytes()])
 }
 
 /// Every index entry `(tree, key, value)` that `rec` owns.
@@ -226,6 +267,24 @@ mod tests {
             let (a, b) = (Timestamp::from_micros(w[0]), Timestamp::from_micros(w[1]));
             assert!(ts(a) < ts(b));
         }
+    }
+
+    #[test]
+    fn metric_keys_round_trip() {
+        for c in [
+            Counter::op("ack", "accepted"),
+            Counter::DeadLetter {
+                kind: "pending_claim_teardown.v1".into(),
+                reason: "max_delivery_attempts_reached".into(),
+            },
+            Counter::LeaseExpiration {
+                result: "redelivered".into(),
+            },
+        ] {
+            assert_eq!(parse_metric(&metric(&c)), Some(c));
+        }
+        assert_eq!(parse_metric(b"op\0only-one"), None);
+        assert_eq!(parse_metric(&[0xff, 0xfe]), None);
     }
 
     #[test]

@@ -36,23 +36,29 @@
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
+mod admin;
 mod clock;
 mod codec;
 mod engine;
 mod error;
 mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 mod integrity;
 mod keys;
 mod machine;
+mod metrics;
 mod model;
 mod policy;
 mod store;
 mod sweeper;
 mod wakeup;
 
+pub use admin::RedriveTarget;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use engine::{Enqueued, Queue, QueueBuilder, Reserved, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use error::{Error, InputError, Result};
+pub use metrics::{Counter, Metrics};
 pub use model::{
     reason, CleanupKind, DeadLetter, JsonObject, LeaseExpiryResult, Message, NewMessage, OpStatus,
     Operation, OperationResult, Reservation, ReserveFilter, Wakeup,

@@ -171,6 +171,15 @@ pub(crate) fn expire(rec: &Record, now: Timestamp, policy: &Policy, seq: u64) ->
     }
 }
 
+/// DEAD -> VISIBLE at the back of the FIFO (an operator's redrive), optionally with the
+/// delivery count reset to 0.
+pub(crate) fn redrive(rec: &Record, now: Timestamp, seq: u64, reset_count: bool) -> Record {
+    Record {
+        delivery_count: if reset_count { 0 } else { rec.delivery_count },
+        ..make_visible(rec, now, seq)
+    }
+}
+
 /// What an ack / release / renew did.
 #[derive(Debug)]
 pub(crate) struct LeaseOutcome {

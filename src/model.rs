@@ -363,3 +363,39 @@ impl ReserveFilter {
         self
     }
 }
+
+/// Counts and ages for one pool (`Queue::pool_stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The pool.
+    pub work_pool_id: Uuid,
+    /// Messages waiting for a reservation.
+    pub visible: u64,
+    /// Messages with a live reservation.
+    pub reserved: u64,
+    /// Messages in the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Acked messages still keeping their idempotency key.
+    pub tombstones: u64,
+    /// When the longest-waiting visible message became visible.
+    pub oldest_visible_at: Option<Timestamp>,
+    /// The earliest lease expiry among reservations.
+    pub next_lease_expires_at: Option<Timestamp>,
+    /// The pool's wakeup sequence.
+    pub wakeup_sequence: u64,
+}
+
+/// The audit record of one redrive of a dead letter back to the queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RedriveRecord {
+    /// When it was redriven.
+    pub redriven_at: Timestamp,
+    /// Who redrove it (free text: user, tool, host).
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// Whether the delivery count was reset to 0.
+    pub reset_count: bool,
+    /// The dead letter as it was.
+    pub dead_letter: DeadLetter,
+}
