@@ -826,11 +826,38 @@ impl Inner {
         let expired = self.expire_into(&mut txn, RESERVE_EXPIRY_LIMIT, Some(pool), now, &policy)?;
         let first = txn.commit()?;
 
-        let mut txn = Txn::new(&self.store, &mut writer);
         let mut out = Reserved {
             expired,
             ..Reserved::default()
         };
+        // The expiry step is committed on its own: make it durable and publish its wakeups
+        // even when the scan fails (tests/faults.rs,
+        // reserve_whose_reservation_write_fails_still_publishes_its_expiry_wakeup).
+        let second = self.reserve_scan(
+            Txn::new(&self.store, &mut writer),
+            pool,
+            filter,
+            now,
+            &policy,
+            &mut out,
+        );
+        drop(writer);
+        self.finish(first)?;
+        self.finish(second?)?;
+        Ok(out)
+    }
+
+    /// The scan of `reserve`: passes over the visible indexes in FIFO order, dead-lettering
+    /// candidates whose attempts are used up, reserving the first other one.
+    fn reserve_scan(
+        &self,
+        mut txn: Txn<'_>,
+        pool: Uuid,
+        filter: &ReserveFilter,
+        now: Timestamp,
+        policy: &Policy,
+        out: &mut Reserved,
+    ) -> Result<Committed> {
         let kinds: Vec<CleanupKind> = match &filter.cleanup_kinds {
             None => CleanupKind::ALL.to_vec(),
             Some(ks) => CleanupKind::ALL
@@ -902,7 +929,7 @@ impl Inner {
                     continue;
                 }
                 let seq = txn.seq();
-                let reserved = machine::reserve(&rec, now, &policy, new_token()?, seq);
+                let reserved = machine::reserve(&rec, now, policy, new_token()?, seq);
                 txn.put(Some(&rec), Some(&reserved))?;
                 txn.count(Counter::op("reserve", "accepted"));
                 out.reservation = reserved
@@ -911,11 +938,7 @@ impl Inner {
                 break 'passes;
             }
         }
-        let second = txn.commit()?;
-        drop(writer);
-        self.finish(first)?;
-        self.finish(second)?;
-        Ok(out)
+        txn.commit()
     }
 
     fn lease_op(

@@ -58,10 +58,19 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
             State::Dead {
                 final_delivery_count,
                 ..
-            } if *final_delivery_count != rec.delivery_count => {
-                bad.push(format!(
-                    "{at}: final delivery count differs from the message's"
-                ));
+            } => {
+                if *final_delivery_count != rec.delivery_count {
+                    bad.push(format!(
+                        "{at}: final delivery count differs from the message's"
+                    ));
+                }
+                // Only a delivered message reaches the DLQ (max attempts is at least 1).
+                if rec.delivery_count == 0 {
+                    bad.push(format!("{at}: dead-lettered with delivery count 0"));
+                }
+            }
+            State::Acked { .. } if rec.delivery_count == 0 => {
+                bad.push(format!("{at}: acked with delivery count 0"));
             }
             _ => {}
         }
@@ -98,9 +107,21 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
         if k.len() != 16 {
             bad.push(format!("wakeups: key {} is not a pool id", hex(&k)));
         }
-        if let Err(e) = codec::decode_u64(&v) {
-            bad.push(format!("wakeups: {}: {e}", hex(&k)));
+        match codec::decode_u64(&v) {
+            Err(e) => bad.push(format!("wakeups: {}: {e}", hex(&k))),
+            // A sequence is only ever stored by a wake, so it is at least 1.
+            Ok(0) => bad.push(format!("wakeups: {}: stored sequence 0", hex(&k))),
+            Ok(_) => {}
         }
+    }
+    match store.get(TreeId::Meta, keys::META_FORMAT) {
+        Ok(Some(v)) if v.as_ref() == [codec::FORMAT_V1] => {}
+        Ok(other) => bad.push(format!(
+            "meta: format is {:?}, expected [{}]",
+            other.as_deref(),
+            codec::FORMAT_V1
+        )),
+        Err(e) => bad.push(e.to_string()),
     }
     Ok(bad)
 }

@@ -132,6 +132,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long `Store::open` keeps retrying a database whose lock is held before it reports
+/// `Error::InUse`.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
+
 /// Segments large enough that no record is ever written as a separate blob file (sled
 /// writes a node larger than a quarter segment as a blob, and does not fsync blobs).
 const SEGMENT_SIZE: usize = 8 << 20;
@@ -158,9 +162,23 @@ impl Store {
                 None
             }
         };
-        let db = sled_config
-            .open()
-            .map_err(|e| open_error(e, path.as_deref()))?;
+        // sled releases its file lock from a background IO thread shortly after the last
+        // handle of a database is dropped (a pending log write or segment truncation owns
+        // the file until it finishes), so a lock refusal right after a close in this or
+        // another process is retried for a while before it counts as a second opener
+        // (tests/second_opener.rs, reopening_right_after_drop_never_sees_in_use).
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled_config.open() {
+                Ok(db) => break db,
+                Err(e) => match open_error(e, path.as_deref()) {
+                    Error::InUse { .. } if started.elapsed() < LOCK_RETRY => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
         let trees = TreeId::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
@@ -353,5 +371,52 @@ fn open_error(e: sled::Error, path: Option<&Path>) -> Error {
             }
         }
         _ => Error::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes in the `messages` tree that do not decode (or decode to another key's record)
+    /// surface as `Error::Corrupted` naming the tree and the key. (Through the file they
+    /// cannot be produced: sled's checksums drop a damaged log entry first; see
+    /// tests/corruption.rs.)
+    #[test]
+    fn undecodable_records_are_corrupted_errors_naming_tree_and_key() {
+        let key = keys::message(Uuid::from_u128(1), Uuid::from_u128(2));
+        for bytes in [
+            &b""[..],
+            &[codec::FORMAT_V1, 0xff, 0x00][..],
+            &[9, 1, 2, 3][..],
+        ] {
+            match decode_record_at(&key, bytes) {
+                Err(Error::Corrupted {
+                    tree,
+                    key: k,
+                    detail,
+                }) => {
+                    assert_eq!(tree, "messages");
+                    assert_eq!(k, crate::error::hex(&key));
+                    assert!(!detail.is_empty());
+                }
+                other => panic!("{bytes:?} decoded as {other:?}"),
+            }
+        }
+        let rec = Record::new_visible(
+            Uuid::from_u128(1),
+            Uuid::from_u128(3),
+            "k".into(),
+            crate::model::CleanupKind::PendingClaimTeardown,
+            None,
+            "{}".into(),
+            "{}".into(),
+            crate::clock::Timestamp::from_micros(0),
+            0,
+        );
+        let bytes = codec::encode_record(&rec).expect("encode");
+        let e = decode_record_at(&key, &bytes).expect_err("stored under another key");
+        assert!(e.to_string().contains("do not match its key"), "{e}");
+        assert!(e.to_string().contains("`messages`"), "{e}");
     }
 }
