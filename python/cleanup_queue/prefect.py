@@ -1,0 +1,386 @@
+"""Prefect storage module for the durable engine.
+
+Set ``PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE=cleanup_queue.prefect``.
+
+Prefect creates ``WorkerCleanupQueue()`` once per worker connection and per service and
+never closes them, so every instance in a process shares one engine per database path
+(the module-level registry below). The engine is closed when the process exits.
+
+- Database: ``CLEANUP_QUEUE_PATH``, default ``$PREFECT_HOME/cleanup-queue``.
+- ``CLEANUP_QUEUE_MANUAL_CLOCK=1`` (tests only): the engine's clock stands still unless
+  moved with :class:`cleanup_queue.testing.QueueClock`.
+- Policy (lease, max delivery attempts, completed idempotency retention) is read from
+  Prefect's settings on every call and pushed into the engine before the operation.
+- Engine calls run in worker threads with the GIL released; the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+from pydantic_core import to_jsonable_python
+
+from prefect.client.schemas.worker_channel import CleanupKind
+from prefect.server.worker_communication.cleanup_queue import (
+    CleanupQueueDeadLetter,
+    CleanupQueueLeaseExpiryResult,
+    CleanupQueueMessage,
+    CleanupQueueOperationResult,
+    CleanupQueueReservation,
+    CleanupQueueWakeup,
+    record_cleanup_queue_dead_letter,
+    record_cleanup_queue_lease_expiry_result,
+    record_cleanup_queue_operation,
+)
+from prefect.server.worker_communication.cleanup_queue import (
+    WorkerCleanupQueue as _WorkerCleanupQueue,
+)
+from prefect.settings.context import get_current_settings
+
+from cleanup_queue._native import CleanupQueueError, Engine
+
+__all__ = ["CleanupQueueError", "WorkerCleanupQueue", "open_engine"]
+
+PATH_ENV = "CLEANUP_QUEUE_PATH"
+MANUAL_CLOCK_ENV = "CLEANUP_QUEUE_MANUAL_CLOCK"
+DEAD_LETTER_SOURCE = "durable_cleanup_queue"
+_DEFAULT_EXPIRE_LEASE_LIMIT = 100
+# The longest a single blocking native wait lasts; a cancelled wait_for_wakeup frees its
+# thread within this.
+_WAIT_SLICE_SECONDS = 0.05
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+# Durable writes from concurrent tasks must overlap so the engine can group-commit them:
+# a pool of its own, larger than asyncio's default. Waits get their own pool so that idle
+# dispatchers never hold up operations.
+_OPERATIONS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="cleanup-queue")
+_WAITERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cleanup-queue-wait")
+
+# Set when the interpreter starts to exit (before it joins worker threads), so that a wait
+# whose event loop was abandoned without cancelling it cannot hold up the exit.
+_EXITING = threading.Event()
+threading._register_atexit(_EXITING.set)  # type: ignore[attr-defined]
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+_M = TypeVar("_M")
+
+
+def from_micros(us: int) -> datetime:
+    """A UTC datetime from the engine's microseconds since the Unix epoch (exact)."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def to_micros(value: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _default_path() -> Path:
+    return Path(get_current_settings().home) / "cleanup-queue"
+
+
+def open_engine(path: str | os.PathLike[str] | None = None) -> Engine:
+    """The process's engine for ``path`` (default: ``CLEANUP_QUEUE_PATH`` or
+    ``$PREFECT_HOME/cleanup-queue``), opened on first use and shared after that.
+
+    Raises :class:`cleanup_queue.CleanupQueueError` naming the path when another process
+    holds the database.
+    """
+    if path is None:
+        path = os.environ.get(PATH_ENV) or _default_path()
+    key = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            manual = os.environ.get(MANUAL_CLOCK_ENV, "").lower() in {"1", "true", "yes"}
+            os.makedirs(os.path.dirname(key) or ".", exist_ok=True)
+            engine = Engine(key, manual_clock=manual)
+            _ENGINES[key] = engine
+        return engine
+
+
+def _forget_engine(path: str | os.PathLike[str]) -> None:
+    """Test helper: drop the registry's engine for ``path`` (it closes once unreferenced)."""
+    with _ENGINES_LOCK:
+        _ENGINES.pop(os.path.abspath(os.path.expanduser(os.fspath(path))), None)
+
+
+def _policy() -> tuple[int, int, int | None]:
+    settings = get_current_settings().server.worker_channel
+    retention = settings.cleanup_completed_idempotency_retention_seconds
+    return (
+        round(settings.cleanup_lease_seconds * 1_000_000),
+        settings.cleanup_max_delivery_attempts,
+        None if retention is None else round(retention * 1_000_000),
+    )
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), default=to_jsonable_python, separators=(",", ":"))
+
+
+def _maybe(model: type[_M], text: str | None) -> _M | None:
+    return None if text is None else model.model_validate_json(text)  # type: ignore[attr-defined]
+
+
+class WorkerCleanupQueue(_WorkerCleanupQueue):
+    """Durable cleanup queue storage backed by the embedded Rust engine."""
+
+    def __init__(self) -> None:
+        self.engine: Engine = open_engine()
+
+    async def _call(self, fn: Callable[..., _M], *args: Any) -> _M:
+        """Runs ``fn(*args)`` in a worker thread after pushing the current policy."""
+        policy = _policy()  # read here: settings live in the caller's context
+        engine = self.engine
+
+        def run() -> _M:
+            engine.set_policy(*policy)
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(_OPERATIONS, run)
+
+    async def enqueue(
+        self,
+        *,
+        message_id: UUID,
+        idempotency_key: str,
+        work_pool_id: UUID,
+        kind: CleanupKind,
+        target: Mapping[str, Any],
+        data: Mapping[str, Any] | None = None,
+        work_queue_id: UUID | None = None,
+    ) -> CleanupQueueMessage:
+        duplicate, text = await self._call(
+            self.engine.enqueue,
+            str(message_id),
+            idempotency_key,
+            str(work_pool_id),
+            str(kind),
+            _json(target),
+            None if data is None else _json(data),
+            None if work_queue_id is None else str(work_queue_id),
+        )
+        record_cleanup_queue_operation(
+            "enqueue",
+            status="duplicate" if duplicate else "accepted",
+            work_pool_id=work_pool_id,
+            message_id=message_id,
+            cleanup_kind=str(kind),
+        )
+        return CleanupQueueMessage.model_validate_json(text)
+
+    async def reserve(
+        self,
+        *,
+        work_pool_id: UUID,
+        cleanup_kinds: Iterable[CleanupKind] | None = None,
+        preferred_work_queue_ids: Iterable[UUID] | None = None,
+        allow_fallback_to_any_queue: bool = True,
+    ) -> CleanupQueueReservation | None:
+        reservation_text, expiry_text, scan_dead_letters = await self._call(
+            self.engine.reserve,
+            str(work_pool_id),
+            None if cleanup_kinds is None else [str(k) for k in cleanup_kinds],
+            None
+            if preferred_work_queue_ids is None
+            else [str(q) for q in preferred_work_queue_ids],
+            allow_fallback_to_any_queue,
+        )
+        expiry = _maybe(CleanupQueueLeaseExpiryResult, expiry_text)
+        if expiry is None:
+            expiry = CleanupQueueLeaseExpiryResult()
+        for dead_letter in expiry.dead_lettered:
+            record_cleanup_queue_dead_letter(dead_letter, source=DEAD_LETTER_SOURCE)
+        for text in scan_dead_letters:
+            record_cleanup_queue_dead_letter(
+                CleanupQueueDeadLetter.model_validate_json(text),
+                source=DEAD_LETTER_SOURCE,
+            )
+        record_cleanup_queue_lease_expiry_result(expiry)
+
+        result = _maybe(CleanupQueueReservation, reservation_text)
+        if result is not None:
+            record_cleanup_queue_operation(
+                "reserve",
+                status="accepted",
+                work_pool_id=work_pool_id,
+                message_id=result.message_id,
+                cleanup_kind=str(result.kind),
+            )
+        return result
+
+    async def _lease_operation(
+        self,
+        operation: str,
+        fn: Callable[..., str],
+        work_pool_id: UUID,
+        message_id: UUID,
+        *args: str,
+    ) -> CleanupQueueOperationResult:
+        result = CleanupQueueOperationResult.model_validate_json(
+            await self._call(fn, str(work_pool_id), str(message_id), *args)
+        )
+        if result.dead_letter is not None:
+            record_cleanup_queue_dead_letter(
+                result.dead_letter, source=DEAD_LETTER_SOURCE
+            )
+        record_cleanup_queue_operation(
+            operation,
+            status=result.status,
+            work_pool_id=work_pool_id,
+            message_id=message_id,
+        )
+        return result
+
+    async def ack(
+        self,
+        *,
+        work_pool_id: UUID,
+        message_id: UUID,
+        reservation_token: str,
+    ) -> CleanupQueueOperationResult:
+        return await self._lease_operation(
+            "ack", self.engine.ack, work_pool_id, message_id, reservation_token
+        )
+
+    async def release(
+        self,
+        *,
+        work_pool_id: UUID,
+        message_id: UUID,
+        reservation_token: str,
+        reason: str,
+    ) -> CleanupQueueOperationResult:
+        return await self._lease_operation(
+            "release",
+            self.engine.release,
+            work_pool_id,
+            message_id,
+            reservation_token,
+            reason,
+        )
+
+    async def renew(
+        self,
+        *,
+        work_pool_id: UUID,
+        message_id: UUID,
+        reservation_token: str,
+    ) -> CleanupQueueOperationResult:
+        return await self._lease_operation(
+            "renew", self.engine.renew, work_pool_id, message_id, reservation_token
+        )
+
+    async def expire_leases(
+        self,
+        *,
+        limit: int = _DEFAULT_EXPIRE_LEASE_LIMIT,
+        work_pool_id: UUID | None = None,
+    ) -> CleanupQueueLeaseExpiryResult:
+        engine = self.engine
+
+        def expire_then_prune(pool: str | None) -> str:
+            text = engine.expire_leases(limit, pool)
+            # The engine's own sweeper is off (so every expiry reaches Prefect's metrics);
+            # Prefect's reconciler calls this periodically, so prune acked tombstones whose
+            # retention ran out here, in a bounded batch.
+            engine.prune_tombstones(max(limit, 1))
+            return text
+
+        result = CleanupQueueLeaseExpiryResult.model_validate_json(
+            await self._call(
+                expire_then_prune, None if work_pool_id is None else str(work_pool_id)
+            )
+        )
+        for dead_letter in result.dead_lettered:
+            record_cleanup_queue_dead_letter(dead_letter, source=DEAD_LETTER_SOURCE)
+        record_cleanup_queue_lease_expiry_result(result)
+        return result
+
+    async def read_message(
+        self, *, work_pool_id: UUID, message_id: UUID
+    ) -> CleanupQueueMessage | None:
+        return _maybe(
+            CleanupQueueMessage,
+            await self._call(
+                self.engine.read_message, str(work_pool_id), str(message_id)
+            ),
+        )
+
+    async def read_dead_letter(
+        self, *, work_pool_id: UUID, message_id: UUID
+    ) -> CleanupQueueDeadLetter | None:
+        return _maybe(
+            CleanupQueueDeadLetter,
+            await self._call(
+                self.engine.read_dead_letter, str(work_pool_id), str(message_id)
+            ),
+        )
+
+    async def read_reservation(
+        self, *, work_pool_id: UUID, message_id: UUID
+    ) -> CleanupQueueReservation | None:
+        """The live reservation of a message, if any (an inspection helper beyond
+        Prefect's interface)."""
+        return _maybe(
+            CleanupQueueReservation,
+            await self._call(
+                self.engine.read_reservation, str(work_pool_id), str(message_id)
+            ),
+        )
+
+    async def wake_dispatchers(self, work_pool_id: UUID) -> CleanupQueueWakeup:
+        sequence = await self._call(self.engine.wake_dispatchers, str(work_pool_id))
+        return CleanupQueueWakeup(work_pool_id=work_pool_id, sequence=sequence)
+
+    async def read_wakeup_sequence(self, work_pool_id: UUID) -> int:
+        return await self._call(self.engine.read_wakeup_sequence, str(work_pool_id))
+
+    async def wait_for_wakeup(
+        self,
+        work_pool_id: UUID,
+        *,
+        after: int = 0,
+        timeout: float | None = None,
+    ) -> CleanupQueueWakeup | None:
+        engine = self.engine
+        pool = str(work_pool_id)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        stop = threading.Event()
+
+        def wait() -> int | None:
+            # Short blocking slices, so a cancelled wait frees its thread promptly.
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is None or remaining > _WAIT_SLICE_SECONDS:
+                    step, last = _WAIT_SLICE_SECONDS, False
+                else:
+                    step, last = max(remaining, 0.0), True
+                sequence = engine.wait_for_wakeup(pool, after, step)
+                if sequence is not None or last or stop.is_set() or _EXITING.is_set():
+                    return sequence
+
+        try:
+            sequence = await asyncio.get_running_loop().run_in_executor(_WAITERS, wait)
+        finally:
+            stop.set()
+        if sequence is None:
+            return None
+        return CleanupQueueWakeup(work_pool_id=work_pool_id, sequence=sequence)

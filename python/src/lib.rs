@@ -1,0 +1,416 @@
+//! `cleanup_queue._native`: a thin PyO3 layer over the Rust engine.
+//!
+//! Every call releases the GIL while the engine works. Values cross the boundary as
+//! strings: ids as UUID text, payloads and results as JSON whose field names and
+//! timestamp format (RFC 3339, UTC, microseconds) are those of Prefect's pydantic models,
+//! so the Python side validates them straight into `CleanupQueue*` models.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use cleanup_queue::{
+    CleanupKind, DeadLetter, Error, LeaseExpiryResult, ManualClock, Message, NewMessage,
+    OperationResult, Policy, Queue, Reservation, ReserveFilter, Timestamp,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+create_exception!(
+    _native,
+    CleanupQueueError,
+    PyException,
+    "A storage failure of the cleanup queue engine (or its database is in use by another process)."
+);
+
+fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::InvalidInput(input) => PyValueError::new_err(input.to_string()),
+        other => CleanupQueueError::new_err(other.to_string()),
+    }
+}
+
+fn uuid(s: &str) -> PyResult<Uuid> {
+    Uuid::parse_str(s).map_err(|e| PyValueError::new_err(format!("invalid UUID {s:?}: {e}")))
+}
+
+fn opt_uuid(s: Option<&str>) -> PyResult<Option<Uuid>> {
+    s.map(uuid).transpose()
+}
+
+fn json_arg(field: &str, text: &str) -> PyResult<Value> {
+    serde_json::from_str(text)
+        .map_err(|e| PyValueError::new_err(format!("{field} is not valid JSON: {e}")))
+}
+
+fn ts(t: Timestamp) -> Value {
+    Value::String(t.to_string())
+}
+
+fn message_fields(m: &Message) -> serde_json::Map<String, Value> {
+    let mut o = serde_json::Map::new();
+    o.insert("message_id".into(), m.message_id.to_string().into());
+    o.insert("idempotency_key".into(), m.idempotency_key.clone().into());
+    o.insert("work_pool_id".into(), m.work_pool_id.to_string().into());
+    o.insert(
+        "work_queue_id".into(),
+        m.work_queue_id.map(|q| q.to_string()).into(),
+    );
+    o.insert("kind".into(), m.kind.as_str().into());
+    o.insert("target".into(), Value::Object(m.target.clone()));
+    o.insert("data".into(), Value::Object(m.data.clone()));
+    o.insert("created_at".into(), ts(m.created_at));
+    o.insert("updated_at".into(), ts(m.updated_at));
+    o.insert("delivery_count".into(), m.delivery_count.into());
+    o
+}
+
+fn message(m: &Message) -> Value {
+    Value::Object(message_fields(m))
+}
+
+/// `CleanupQueueReservation` is the message's fields plus the token and lease.
+fn reservation(r: &Reservation) -> Value {
+    let mut o = message_fields(&r.message);
+    o.insert(
+        "reservation_token".into(),
+        r.reservation_token.clone().into(),
+    );
+    o.insert("lease_expires_at".into(), ts(r.lease_expires_at));
+    Value::Object(o)
+}
+
+fn dead_letter(d: &DeadLetter) -> Value {
+    json!({
+        "message": message(&d.message),
+        "reason": d.reason,
+        "final_delivery_count": d.final_delivery_count,
+        "moved_at": ts(d.moved_at),
+        "reservation_token": d.reservation_token,
+        "lease_expires_at": d.lease_expires_at.map(ts),
+        "release_reason": d.release_reason,
+    })
+}
+
+fn op_result(r: &OperationResult) -> Value {
+    json!({
+        "message_id": r.message_id.to_string(),
+        "operation": r.operation.as_str(),
+        "status": r.status.as_str(),
+        "lease_expires_at": r.lease_expires_at.map(ts),
+        "reason": r.reason,
+        "dead_letter": r.dead_letter.as_ref().map(dead_letter),
+    })
+}
+
+fn expiry(e: &LeaseExpiryResult) -> Value {
+    json!({
+        "redelivered": e.redelivered.iter().map(message).collect::<Vec<_>>(),
+        "dead_lettered": e.dead_lettered.iter().map(dead_letter).collect::<Vec<_>>(),
+    })
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// One open database. Instances are meant to be shared (see `cleanup_queue.prefect`).
+#[pyclass(frozen, module = "cleanup_queue._native")]
+struct Engine {
+    queue: Queue,
+    clock: Option<ManualClock>,
+}
+
+impl Engine {
+    fn manual_clock(&self) -> PyResult<&ManualClock> {
+        self.clock.as_ref().ok_or_else(|| {
+            CleanupQueueError::new_err("this engine was not opened with a manual clock")
+        })
+    }
+}
+
+#[pymethods]
+impl Engine {
+    /// Opens (or creates) the database in directory `path`. The background sweeper is off:
+    /// Prefect's reconciler calls `expire_leases`, so every expiry reaches its metrics.
+    /// `manual_clock`: the engine's time stands still until `clock_set`/`clock_advance`.
+    #[new]
+    #[pyo3(signature = (path, manual_clock = false))]
+    fn new(py: Python<'_>, path: PathBuf, manual_clock: bool) -> PyResult<Engine> {
+        let clock = manual_clock.then(ManualClock::starting_now);
+        let mut builder = Queue::builder(&path).sweep_interval(None);
+        if let Some(c) = &clock {
+            builder = builder.clock(c.clone());
+        }
+        let queue = py.detach(|| builder.open()).map_err(to_py)?;
+        Ok(Engine { queue, clock })
+    }
+
+    /// The database directory.
+    #[getter]
+    fn path(&self) -> Option<PathBuf> {
+        self.queue.path().map(|p| p.to_path_buf())
+    }
+
+    /// Replaces the policy if it differs (lease and retention in microseconds).
+    #[pyo3(signature = (lease_us, max_delivery_attempts, retention_us = None))]
+    fn set_policy(
+        &self,
+        py: Python<'_>,
+        lease_us: i64,
+        max_delivery_attempts: u32,
+        retention_us: Option<i64>,
+    ) -> PyResult<()> {
+        let policy = Policy {
+            lease: micros(lease_us),
+            max_delivery_attempts,
+            completed_retention: retention_us.map(micros),
+        };
+        py.detach(|| {
+            if self.queue.policy() == policy {
+                Ok(())
+            } else {
+                self.queue.set_policy(policy)
+            }
+        })
+        .map_err(to_py)
+    }
+
+    /// Returns `(duplicate, message_json)`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (message_id, idempotency_key, work_pool_id, kind, target_json, data_json = None, work_queue_id = None))]
+    fn enqueue(
+        &self,
+        py: Python<'_>,
+        message_id: &str,
+        idempotency_key: String,
+        work_pool_id: &str,
+        kind: &str,
+        target_json: &str,
+        data_json: Option<&str>,
+        work_queue_id: Option<&str>,
+    ) -> PyResult<(bool, String)> {
+        let kind = CleanupKind::from_str(kind).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let new = NewMessage {
+            message_id: uuid(message_id)?,
+            idempotency_key,
+            work_pool_id: uuid(work_pool_id)?,
+            work_queue_id: opt_uuid(work_queue_id)?,
+            kind,
+            target: json_arg("target", target_json)?,
+            data: data_json.map(|d| json_arg("data", d)).transpose()?,
+        };
+        let done = py
+            .detach(|| self.queue.enqueue_detailed(new))
+            .map_err(to_py)?;
+        Ok((done.duplicate, message(&done.message).to_string()))
+    }
+
+    /// Returns `(reservation_json | None, expiry_json | None, [scan dead letter json])`;
+    /// the expiry is `None` when the pool had no due lease. Unknown kinds in the filter
+    /// match nothing (they are dropped, not an error).
+    #[pyo3(signature = (work_pool_id, cleanup_kinds = None, preferred_work_queue_ids = None, allow_fallback_to_any_queue = true))]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        cleanup_kinds: Option<Vec<String>>,
+        preferred_work_queue_ids: Option<Vec<String>>,
+        allow_fallback_to_any_queue: bool,
+    ) -> PyResult<(Option<String>, Option<String>, Vec<String>)> {
+        let pool = uuid(work_pool_id)?;
+        let filter = ReserveFilter {
+            cleanup_kinds: cleanup_kinds.map(|ks| {
+                ks.iter()
+                    .filter_map(|k| CleanupKind::from_str(k).ok())
+                    .collect()
+            }),
+            preferred_work_queue_ids: preferred_work_queue_ids
+                .map(|qs| qs.iter().map(|q| uuid(q)).collect::<PyResult<Vec<_>>>())
+                .transpose()?,
+            allow_fallback_to_any_queue,
+        };
+        let done = py
+            .detach(|| self.queue.reserve_detailed(pool, &filter))
+            .map_err(to_py)?;
+        Ok((
+            done.reservation
+                .as_ref()
+                .map(|r| reservation(r).to_string()),
+            (!done.expired.is_empty()).then(|| expiry(&done.expired).to_string()),
+            done.dead_lettered
+                .iter()
+                .map(|d| dead_letter(d).to_string())
+                .collect(),
+        ))
+    }
+
+    fn ack(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+        reservation_token: &str,
+    ) -> PyResult<String> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.ack(pool, id, reservation_token))
+            .map(|r| op_result(&r).to_string())
+            .map_err(to_py)
+    }
+
+    fn release(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+        reservation_token: &str,
+        reason: &str,
+    ) -> PyResult<String> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.release(pool, id, reservation_token, reason))
+            .map(|r| op_result(&r).to_string())
+            .map_err(to_py)
+    }
+
+    fn renew(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+        reservation_token: &str,
+    ) -> PyResult<String> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.renew(pool, id, reservation_token))
+            .map(|r| op_result(&r).to_string())
+            .map_err(to_py)
+    }
+
+    /// A limit below 1 is the engine's input error ("limit must be at least 1").
+    #[pyo3(signature = (limit = 100, work_pool_id = None))]
+    fn expire_leases(
+        &self,
+        py: Python<'_>,
+        limit: i64,
+        work_pool_id: Option<&str>,
+    ) -> PyResult<String> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let pool = opt_uuid(work_pool_id)?;
+        py.detach(|| self.queue.expire_leases(limit, pool))
+            .map(|r| expiry(&r).to_string())
+            .map_err(to_py)
+    }
+
+    /// Removes up to `limit` acked tombstones past the retention; returns how many.
+    fn prune_tombstones(&self, py: Python<'_>, limit: usize) -> PyResult<usize> {
+        py.detach(|| self.queue.prune_tombstones(limit))
+            .map_err(to_py)
+    }
+
+    fn read_message(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+    ) -> PyResult<Option<String>> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.read_message(pool, id))
+            .map(|m| m.map(|m| message(&m).to_string()))
+            .map_err(to_py)
+    }
+
+    fn read_dead_letter(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+    ) -> PyResult<Option<String>> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.read_dead_letter(pool, id))
+            .map(|d| d.map(|d| dead_letter(&d).to_string()))
+            .map_err(to_py)
+    }
+
+    /// The reservation currently held on a message, if any (an inspection helper).
+    fn read_reservation(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        message_id: &str,
+    ) -> PyResult<Option<String>> {
+        let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
+        py.detach(|| self.queue.read_reservation(pool, id))
+            .map(|r| r.map(|r| reservation(&r).to_string()))
+            .map_err(to_py)
+    }
+
+    /// Bumps the pool's wakeup sequence; returns the new value.
+    fn wake_dispatchers(&self, py: Python<'_>, work_pool_id: &str) -> PyResult<u64> {
+        let pool = uuid(work_pool_id)?;
+        py.detach(|| self.queue.wake_dispatchers(pool))
+            .map(|w| w.sequence)
+            .map_err(to_py)
+    }
+
+    fn read_wakeup_sequence(&self, py: Python<'_>, work_pool_id: &str) -> PyResult<u64> {
+        let pool = uuid(work_pool_id)?;
+        py.detach(|| self.queue.read_wakeup_sequence(pool))
+            .map_err(to_py)
+    }
+
+    /// Blocks (without the GIL) for at most `timeout` seconds (`None`: for ever) until the
+    /// pool's sequence exceeds `after`; returns it, or `None` on timeout.
+    #[pyo3(signature = (work_pool_id, after = 0, timeout = None))]
+    fn wait_for_wakeup(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        after: i64,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<u64>> {
+        let pool = uuid(work_pool_id)?;
+        let after = u64::try_from(after).unwrap_or(0);
+        let timeout = timeout
+            .map(|t| Duration::try_from_secs_f64(t.max(0.0)))
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("invalid timeout: {e}")))?;
+        py.detach(|| self.queue.wait_for_wakeup(pool, after, timeout))
+            .map(|w| w.map(|w| w.sequence))
+            .map_err(to_py)
+    }
+
+    /// The engine's current time, in microseconds since the Unix epoch.
+    fn now_us(&self) -> i64 {
+        self.queue.now().as_micros()
+    }
+
+    /// Whether the engine runs on a manual clock.
+    #[getter]
+    fn has_manual_clock(&self) -> bool {
+        self.clock.is_some()
+    }
+
+    /// Manual clock only: sets the time (microseconds since the Unix epoch).
+    fn clock_set(&self, us: i64) -> PyResult<()> {
+        self.manual_clock()?.set(Timestamp::from_micros(us));
+        Ok(())
+    }
+
+    /// Manual clock only: moves the time by `us` microseconds (may be negative).
+    fn clock_advance(&self, us: i64) -> PyResult<()> {
+        let clock = self.manual_clock()?;
+        clock.set(Timestamp::from_micros(
+            clock.now().as_micros().saturating_add(us),
+        ));
+        Ok(())
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add("CleanupQueueError", m.py().get_type::<CleanupQueueError>())?;
+    Ok(())
+}

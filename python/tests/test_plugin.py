@@ -1,0 +1,325 @@
+"""Behaviours beyond Prefect's standard suite: those Prefect's Redis backend tests on top of
+it, plus what the plug-in itself promises (errors, metrics hooks, sharing, cancellation)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+import cleanup_queue.prefect as plugin
+from cleanup_queue import CleanupQueueError
+from cleanup_queue.prefect import WorkerCleanupQueue
+from cleanup_queue.testing import QueueClock
+from prefect.client.schemas.worker_channel import (
+    CANCELLING_TIMEOUT_TEARDOWN,
+    PENDING_CLAIM_TEARDOWN,
+)
+from prefect.server.worker_communication.cleanup_queue import get_worker_cleanup_queue
+from prefect.settings import (
+    PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_MAX_DELIVERY_ATTEMPTS,
+    PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE,
+    temporary_settings,
+)
+
+
+async def enqueue(queue: WorkerCleanupQueue, pool, **kw: Any):
+    kw.setdefault("message_id", uuid4())
+    kw.setdefault("idempotency_key", f"key-{uuid4()}")
+    kw.setdefault("kind", CANCELLING_TIMEOUT_TEARDOWN)
+    kw.setdefault("target", {"flow_run_id": str(uuid4())})
+    return await queue.enqueue(work_pool_id=pool, **kw)
+
+
+async def test_message_ids_are_scoped_per_pool(queue: WorkerCleanupQueue) -> None:
+    pool_a, pool_b, message_id = uuid4(), uuid4(), uuid4()
+    a = await enqueue(queue, pool_a, message_id=message_id, idempotency_key="a")
+    b = await enqueue(queue, pool_b, message_id=message_id, idempotency_key="b")
+    assert (a.work_pool_id, a.idempotency_key) == (pool_a, "a")
+    assert (b.work_pool_id, b.idempotency_key) == (pool_b, "b")
+
+    reserved = await queue.reserve(work_pool_id=pool_a)
+    assert reserved is not None and reserved.idempotency_key == "a"
+    ack = await queue.ack(
+        work_pool_id=pool_a,
+        message_id=message_id,
+        reservation_token=reserved.reservation_token,
+    )
+    assert ack.status == "accepted"
+    still_there = await queue.read_message(work_pool_id=pool_b, message_id=message_id)
+    assert still_there is not None and still_there.delivery_count == 0
+    assert await queue.read_message(work_pool_id=pool_a, message_id=message_id) is None
+
+
+async def test_duplicate_of_visible_message_wakes_but_not_of_reserved(
+    queue: WorkerCleanupQueue,
+) -> None:
+    pool, message_id = uuid4(), uuid4()
+    first = await enqueue(queue, pool, message_id=message_id, idempotency_key="k")
+    assert await queue.read_wakeup_sequence(pool) == 1
+
+    again = await enqueue(
+        queue, pool, message_id=uuid4(), idempotency_key="k", target={"other": 1}
+    )
+    assert again == first
+    assert await queue.read_wakeup_sequence(pool) == 2
+
+    assert await queue.reserve(work_pool_id=pool) is not None
+    await enqueue(queue, pool, message_id=message_id, idempotency_key="k")
+    assert await queue.read_wakeup_sequence(pool) == 2
+
+
+async def test_concurrent_reserves_create_exactly_one_reservation(
+    queue: WorkerCleanupQueue,
+) -> None:
+    pool = uuid4()
+    message = await enqueue(queue, pool)
+    results = await asyncio.gather(*(queue.reserve(work_pool_id=pool) for _ in range(10)))
+    won = [r for r in results if r is not None]
+    assert len(won) == 1
+    assert won[0].message_id == message.message_id
+    assert won[0].delivery_count == 1
+
+
+async def test_release_and_expiry_advance_wakeup_sequence(
+    queue: WorkerCleanupQueue, clock: QueueClock
+) -> None:
+    pool = uuid4()
+    message = await enqueue(queue, pool)
+    reserved = await queue.reserve(work_pool_id=pool)
+    assert reserved is not None
+    before = await queue.read_wakeup_sequence(pool)
+    released = await queue.release(
+        work_pool_id=pool,
+        message_id=message.message_id,
+        reservation_token=reserved.reservation_token,
+        reason="connection_unavailable",
+    )
+    assert released.status == "accepted"
+    assert await queue.read_wakeup_sequence(pool) == before + 1
+
+    assert await queue.reserve(work_pool_id=pool) is not None
+    clock.advance(timedelta(seconds=31))
+    expired = await queue.expire_leases(work_pool_id=pool)
+    assert [m.message_id for m in expired.redelivered] == [message.message_id]
+    assert await queue.read_wakeup_sequence(pool) == before + 2
+
+
+async def test_cancelled_wait_returns_promptly_and_frees_its_thread(
+    queue: WorkerCleanupQueue,
+) -> None:
+    pool = uuid4()
+    # More forever-waits than the wait pool has threads: if cancelled waits kept their
+    # threads, the last wait below could never start.
+    waits = [
+        asyncio.create_task(queue.wait_for_wakeup(pool, after=0, timeout=None))
+        for _ in range(80)
+    ]
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    for w in waits:
+        w.cancel()
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert time.monotonic() - started < 0.5
+
+    await asyncio.sleep(0.15)  # every cancelled wait's thread finishes its last slice
+    waiter = asyncio.create_task(queue.wait_for_wakeup(pool, after=0, timeout=5))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await queue.wake_dispatchers(pool)
+    wakeup = await waiter
+    assert wakeup is not None and wakeup.sequence == 1
+    assert time.monotonic() - started < 0.5
+
+
+async def test_wait_for_wakeup_timeouts(queue: WorkerCleanupQueue) -> None:
+    pool = uuid4()
+    started = time.monotonic()
+    assert await queue.wait_for_wakeup(pool, after=0, timeout=0) is None
+    assert await queue.wait_for_wakeup(pool, after=0, timeout=0.12) is None
+    assert 0.1 <= time.monotonic() - started < 0.6
+    await queue.wake_dispatchers(pool)
+    got = await queue.wait_for_wakeup(pool, after=0, timeout=0)
+    assert got is not None and got.sequence == 1 and got.work_pool_id == pool
+
+
+async def test_two_instances_share_one_engine(queue: WorkerCleanupQueue) -> None:
+    other = WorkerCleanupQueue()
+    assert other.engine is queue.engine
+    pool = uuid4()
+    waiter = asyncio.create_task(other.wait_for_wakeup(pool, after=0, timeout=5))
+    await asyncio.sleep(0.05)
+    message = await enqueue(queue, pool)
+    wakeup = await waiter
+    assert wakeup is not None and wakeup.sequence == 1
+    reserved = await other.reserve(work_pool_id=pool)
+    assert reserved is not None and reserved.message_id == message.message_id
+
+
+async def test_input_errors_are_value_errors_with_prefect_sentences(
+    queue: WorkerCleanupQueue,
+) -> None:
+    pool, message_id = uuid4(), uuid4()
+    with pytest.raises(ValueError, match="^idempotency_key must be non-empty$"):
+        await enqueue(queue, pool, idempotency_key="")
+    with pytest.raises(ValueError, match="unknown cleanup kind"):
+        await enqueue(queue, pool, message_id=message_id, kind="no_such_kind.v1")
+    # nothing was stored, and nobody was woken
+    assert await queue.read_message(work_pool_id=pool, message_id=message_id) is None
+    assert await queue.read_wakeup_sequence(pool) == 0
+
+    await enqueue(queue, pool, message_id=message_id, idempotency_key="one")
+    with pytest.raises(
+        ValueError,
+        match="^message_id is already associated with a different cleanup message$",
+    ):
+        await enqueue(queue, pool, message_id=message_id, idempotency_key="two")
+    reserved = await queue.reserve(work_pool_id=pool)
+    assert reserved is not None
+    with pytest.raises(ValueError, match="^release reason must be non-empty$"):
+        await queue.release(
+            work_pool_id=pool,
+            message_id=message_id,
+            reservation_token=reserved.reservation_token,
+            reason="",
+        )
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match="^limit must be at least 1$"):
+            await queue.expire_leases(limit=limit)
+
+
+async def test_unknown_kinds_in_a_reserve_filter_match_nothing(
+    queue: WorkerCleanupQueue,
+) -> None:
+    pool = uuid4()
+    await enqueue(queue, pool)
+    assert await queue.reserve(work_pool_id=pool, cleanup_kinds=["future_kind.v9"]) is None
+    assert (
+        await queue.reserve(work_pool_id=pool, cleanup_kinds=[PENDING_CLAIM_TEARDOWN])
+        is None
+    )
+    assert (
+        await queue.reserve(
+            work_pool_id=pool,
+            cleanup_kinds=["future_kind.v9", CANCELLING_TIMEOUT_TEARDOWN],
+        )
+        is not None
+    )
+
+
+async def test_results_are_prefect_models_with_utc_microsecond_datetimes(
+    queue: WorkerCleanupQueue, clock: QueueClock
+) -> None:
+    pool, queue_id = uuid4(), uuid4()
+    message = await enqueue(
+        queue,
+        pool,
+        target={"flow_run_id": "x", "nested": {"n": [1, 2.5, None, True]}},
+        data={"d": "e"},
+        work_queue_id=queue_id,
+    )
+    assert message.created_at == clock.current == message.updated_at
+    assert message.created_at.utcoffset() == timedelta(0)
+    assert message.target == {"flow_run_id": "x", "nested": {"n": [1, 2.5, None, True]}}
+    assert message.data == {"d": "e"}
+    assert message.work_queue_id == queue_id
+    clock.advance(timedelta(microseconds=7))
+    reserved = await queue.reserve(work_pool_id=pool)
+    assert reserved is not None
+    assert reserved.updated_at == clock.current
+    assert reserved.lease_expires_at == clock.current + timedelta(seconds=30)
+    stored = await queue.read_reservation(work_pool_id=pool, message_id=message.message_id)
+    assert stored == reserved
+
+
+async def test_metrics_hooks_are_called_like_the_memory_backend(
+    queue: WorkerCleanupQueue, monkeypatch: pytest.MonkeyPatch, clock: QueueClock
+) -> None:
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(
+        plugin,
+        "record_cleanup_queue_operation",
+        lambda op, **kw: calls.append(("op", (op, kw["status"]))),
+    )
+    monkeypatch.setattr(
+        plugin,
+        "record_cleanup_queue_dead_letter",
+        lambda dl, *, source: calls.append(("dlq", (dl.reason, source))),
+    )
+    monkeypatch.setattr(
+        plugin,
+        "record_cleanup_queue_lease_expiry_result",
+        lambda r: calls.append(("expiry", (len(r.redelivered), len(r.dead_lettered)))),
+    )
+    pool = uuid4()
+    m = await enqueue(queue, pool, idempotency_key="k")
+    await enqueue(queue, pool, idempotency_key="k")
+    with temporary_settings({PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_MAX_DELIVERY_ATTEMPTS: 1}):
+        r = await queue.reserve(work_pool_id=pool)
+        assert r is not None
+        clock.advance(timedelta(seconds=31))
+        await queue.expire_leases()
+    assert await queue.reserve(work_pool_id=pool) is None
+    assert r.message_id == m.message_id
+    assert calls == [
+        ("op", ("enqueue", "accepted")),
+        ("op", ("enqueue", "duplicate")),
+        ("expiry", (0, 0)),
+        ("op", ("reserve", "accepted")),
+        ("dlq", ("max_delivery_attempts_reached", plugin.DEAD_LETTER_SOURCE)),
+        ("expiry", (0, 1)),
+        ("expiry", (0, 0)),
+    ]
+
+
+async def test_policy_follows_prefect_settings_on_every_call(
+    queue: WorkerCleanupQueue, clock: QueueClock
+) -> None:
+    pool = uuid4()
+    await enqueue(queue, pool)
+    with temporary_settings({PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_MAX_DELIVERY_ATTEMPTS: 7}):
+        assert queue.engine is not None
+        reserved = await queue.reserve(work_pool_id=pool)
+    assert reserved is not None
+    # back to the default policy (30 s lease)
+    renewed = await queue.renew(
+        work_pool_id=pool,
+        message_id=reserved.message_id,
+        reservation_token=reserved.reservation_token,
+    )
+    assert renewed.lease_expires_at == clock.current + timedelta(seconds=30)
+
+
+def test_get_worker_cleanup_queue_returns_the_plugin(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(db_path))
+    with temporary_settings(
+        {PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE: "cleanup_queue.prefect"}
+    ):
+        q = get_worker_cleanup_queue()
+    assert type(q) is WorkerCleanupQueue
+    assert q.engine.path == db_path
+    plugin._forget_engine(db_path)
+
+
+def test_default_path_is_under_prefect_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLEANUP_QUEUE_PATH", raising=False)
+    q = WorkerCleanupQueue()
+    from prefect.settings.context import get_current_settings
+
+    expected = Path(get_current_settings().home) / "cleanup-queue"
+    assert q.engine.path == expected.resolve()
+    plugin._forget_engine(expected)
+
+
+def test_storage_errors_have_the_package_exception_type() -> None:
+    assert issubclass(CleanupQueueError, Exception)
+    assert not issubclass(CleanupQueueError, ValueError)
+    assert plugin.CleanupQueueError is CleanupQueueError
