@@ -378,6 +378,12 @@ impl Queue {
     pub fn read_wakeup_sequence(&self, work_pool_id: Uuid) -> Result<u64> {
         let inner = self.inner();
         inner.check()?;
+        // The stored value may be ahead of the published one for the moment between a
+        // writer's flush and its publish; once durable it may be published by anyone, so
+        // a reader never sees a sequence older than the state it can read.
+        let stored = inner.stored_wakeup(work_pool_id)?;
+        inner.store.wait_durable(inner.store.applied_ticket())?;
+        inner.wakeups.publish(work_pool_id, stored, || Ok(stored))?;
         inner
             .wakeups
             .current(work_pool_id, || inner.stored_wakeup(work_pool_id))
