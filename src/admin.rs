@@ -85,6 +85,9 @@ impl Queue {
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
         let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         self.for_each_record(pool, |rec| {
             if kind.is_none_or(|k| k == rec.kind) {
                 if let Some(dl) = rec.dead_letter().map_err(|d| corrupt_view(rec, d))? {

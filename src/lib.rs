@@ -61,7 +61,7 @@ pub use error::{Error, InputError, Result};
 pub use metrics::{Counter, Metrics};
 pub use model::{
     reason, CleanupKind, DeadLetter, JsonObject, LeaseExpiryResult, Message, NewMessage, OpStatus,
-    Operation, OperationResult, Reservation, ReserveFilter, Wakeup,
+    Operation, OperationResult, PoolStats, RedriveRecord, Reservation, ReserveFilter, Wakeup,
 };
 pub use policy::Policy;
 pub use store::Durability;
