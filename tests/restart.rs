@@ -1,0 +1,365 @@
+//! Reopening a database: every state (visible, reserved with token and lease, dead letters,
+//! tombstones with their keys, delivery counts, wake sequences, FIFO positions) comes back
+//! exactly; a lease that lapsed while the database was closed is expired by the next
+//! reserve or by the sweeper.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cleanup_queue::{
+    CleanupKind, DeadLetter, ManualClock, Message, OpStatus, Queue, Reservation, ReserveFilter,
+};
+use common::*;
+use serde_json::json;
+use uuid::Uuid;
+
+#[derive(Debug, PartialEq)]
+struct Seen {
+    messages: Vec<Option<Message>>,
+    reservations: Vec<Option<Reservation>>,
+    dead: Vec<Option<DeadLetter>>,
+    sequences: Vec<u64>,
+}
+
+fn observe(q: &Queue, ids: &[(Uuid, Uuid)], pools: &[Uuid]) -> Seen {
+    Seen {
+        messages: ids
+            .iter()
+            .map(|(p, id)| q.read_message(*p, *id).unwrap())
+            .collect(),
+        reservations: ids
+            .iter()
+            .map(|(p, id)| q.read_reservation(*p, *id).unwrap())
+            .collect(),
+        dead: ids
+            .iter()
+            .map(|(p, id)| q.read_dead_letter(*p, *id).unwrap())
+            .collect(),
+        sequences: pools
+            .iter()
+            .map(|p| q.read_wakeup_sequence(*p).unwrap())
+            .collect(),
+    }
+}
+
+fn open(path: &Path, clock: &ManualClock) -> Queue {
+    path_builder(path, clock).open().unwrap()
+}
+
+struct World {
+    pool_a: Uuid,
+    pool_b: Uuid,
+    visible: Uuid,
+    twice: Uuid,
+    reserved: Uuid,
+    released_dead: Uuid,
+    scan_dead: Uuid,
+    tomb: Uuid,
+    in_b: Uuid,
+    reservation: Reservation,
+    tomb_message: Message,
+}
+
+impl World {
+    fn ids(&self) -> Vec<(Uuid, Uuid)> {
+        let a = self.pool_a;
+        vec![
+            (a, self.visible),
+            (a, self.twice),
+            (a, self.reserved),
+            (a, self.released_dead),
+            (a, self.scan_dead),
+            (a, self.tomb),
+            (self.pool_b, self.in_b),
+            // The same id in the other pool must stay absent.
+            (self.pool_b, self.visible),
+        ]
+    }
+
+    fn pools(&self) -> Vec<Uuid> {
+        vec![self.pool_a, self.pool_b, Uuid::nil()]
+    }
+}
+
+/// Builds one message in every state, over several clock instants.
+fn build(q: &Queue, clock: &ManualClock) -> World {
+    let pool_a = uuid();
+    let pool_b = uuid();
+    let wq = uuid();
+
+    // released_dead: max 1, released -> DLQ with release reason, token and lease.
+    q.set_policy(with_max(1)).unwrap();
+    let released_dead = enqueue_new(q, pool_a, "released-dead");
+    let r = reserve_one(q, pool_a);
+    clock.advance(secs(1));
+    assert_eq!(
+        q.release(pool_a, released_dead, &r.reservation_token, "no_k8s")
+            .unwrap()
+            .status,
+        OpStatus::DeadLettered
+    );
+
+    // scan_dead: delivered once under max 3, released, then dead-lettered by a scan at max 1.
+    q.set_policy(with_max(3)).unwrap();
+    let scan_dead = enqueue_new(q, pool_a, "scan-dead");
+    let r = reserve_one(q, pool_a);
+    q.release(pool_a, scan_dead, &r.reservation_token, "later")
+        .unwrap();
+    q.set_policy(with_max(1)).unwrap();
+    let d = q.reserve_detailed(pool_a, &ReserveFilter::any()).unwrap();
+    assert_eq!(d.dead_lettered.len(), 1);
+    assert!(d.reservation.is_none());
+    q.set_policy(with_max(3)).unwrap();
+
+    // tomb: acked.
+    clock.advance(secs(1));
+    let tomb = enqueue_new(q, pool_a, "tomb");
+    let r = reserve_one(q, pool_a);
+    q.ack(pool_a, tomb, &r.reservation_token).unwrap();
+    let tomb_message = q.enqueue(msg(pool_a, uuid(), "tomb")).unwrap();
+    assert_eq!(tomb_message.message_id, tomb);
+
+    // twice: delivered twice (once released, once expired), visible with count 2.
+    clock.advance(secs(1));
+    let twice = enqueue_new(q, pool_a, "twice");
+    let r = reserve_one(q, pool_a);
+    q.release(pool_a, twice, &r.reservation_token, "later")
+        .unwrap();
+    let r = reserve_one(q, pool_a);
+    assert_eq!(r.message.delivery_count, 2);
+    clock.advance(secs(30));
+    assert_eq!(q.expire_leases(10, None).unwrap().redelivered.len(), 1);
+
+    // visible: with a queue and data, never delivered. Then reserved: held now.
+    clock.advance(secs(1));
+    let visible = uuid();
+    q.enqueue(
+        msg_in(pool_a, visible, "visible", wq)
+            .data(json!({"resources": [{"id": "job-1"}], "n": 1.5})),
+    )
+    .unwrap();
+    let reserved = uuid();
+    q.enqueue(msg_kind(
+        pool_a,
+        reserved,
+        "reserved",
+        CleanupKind::PendingClaimTeardown,
+    ))
+    .unwrap();
+    let reservation = q
+        .reserve(
+            pool_a,
+            &ReserveFilter::any().kinds([CleanupKind::PendingClaimTeardown]),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(reservation.message.message_id, reserved);
+
+    // Pool b: a message and some explicit wakes.
+    let in_b = enqueue_new(q, pool_b, "b");
+    q.wake_dispatchers(pool_b).unwrap();
+    q.wake_dispatchers(pool_b).unwrap();
+
+    World {
+        pool_a,
+        pool_b,
+        visible,
+        twice,
+        reserved,
+        released_dead,
+        scan_dead,
+        tomb,
+        in_b,
+        reservation,
+        tomb_message,
+    }
+}
+
+#[test]
+fn every_state_survives_a_reopen_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let q = open(dir.path(), &clock);
+    let w = build(&q, &clock);
+    let before = observe(&q, &w.ids(), &w.pools());
+    assert_clean(&q);
+    // Sanity: the world is what we think it is.
+    assert!(before.messages[0].is_some() && before.reservations[2].is_some());
+    assert!(before.dead[3].as_ref().unwrap().release_reason.is_some());
+    assert!(before.dead[4].as_ref().unwrap().reservation_token.is_none());
+    assert_eq!(before.messages[1].as_ref().unwrap().delivery_count, 2);
+    drop(q);
+
+    let q = open(dir.path(), &clock);
+    assert_eq!(observe(&q, &w.ids(), &w.pools()), before);
+    assert_clean(&q);
+
+    // The reservation's token still works and is the only one that does.
+    let a = w.pool_a;
+    assert_eq!(
+        q.read_reservation(a, w.reserved).unwrap(),
+        Some(w.reservation.clone())
+    );
+    assert_eq!(
+        q.renew(a, w.reserved, "guess").unwrap().status,
+        OpStatus::InvalidToken
+    );
+    // Tombstone and dead letters keep their keys; duplicates return them unchanged.
+    let d = q.enqueue_detailed(msg(a, uuid(), "tomb")).unwrap();
+    assert!(d.duplicate);
+    assert_eq!(d.message, w.tomb_message);
+    for (key, id) in [
+        ("released-dead", w.released_dead),
+        ("scan-dead", w.scan_dead),
+    ] {
+        let d = q.enqueue_detailed(msg(a, uuid(), key)).unwrap();
+        assert!(d.duplicate);
+        assert_eq!(
+            Some(d.message),
+            q.read_dead_letter(a, id).unwrap().map(|dl| dl.message)
+        );
+    }
+    let d = q.enqueue_detailed(msg(a, uuid(), "reserved")).unwrap();
+    assert!(d.duplicate);
+    // Nothing above woke anything.
+    assert_eq!(observe(&q, &w.ids(), &w.pools()), before);
+
+    // FIFO positions and the sequence counter survive: a message enqueued after the reopen
+    // at the same instant goes behind the old ones.
+    let late = enqueue_new(&q, a, "late");
+    let mut order = Vec::new();
+    while let Some(r) = q.reserve(a, &ReserveFilter::any()).unwrap() {
+        order.push(r.message.message_id);
+    }
+    assert_eq!(order, vec![w.twice, w.visible, late]);
+    assert_clean(&q);
+
+    // The ack of the pre-restart reservation works after the restart.
+    assert_eq!(
+        q.ack(a, w.reserved, &w.reservation.reservation_token)
+            .unwrap()
+            .status,
+        OpStatus::Accepted
+    );
+    drop(q);
+
+    // And a second reopen still agrees.
+    let q = open(dir.path(), &clock);
+    assert_eq!(q.read_message(a, w.reserved).unwrap(), None);
+    assert_eq!(q.read_wakeup_sequence(a).unwrap(), before.sequences[0] + 1);
+    assert_clean(&q);
+}
+
+#[test]
+fn wake_sequences_continue_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let pool = uuid();
+    {
+        let q = open(dir.path(), &clock);
+        for _ in 0..5 {
+            q.wake_dispatchers(pool).unwrap();
+        }
+    }
+    let q = open(dir.path(), &clock);
+    assert_eq!(q.read_wakeup_sequence(pool).unwrap(), 5);
+    assert_eq!(
+        q.wait_for_wakeup(pool, 4, Some(Duration::ZERO))
+            .unwrap()
+            .map(|w| w.sequence),
+        Some(5)
+    );
+    enqueue_new(&q, pool, "k");
+    assert_eq!(q.read_wakeup_sequence(pool).unwrap(), 6);
+}
+
+#[test]
+fn lease_that_lapsed_while_closed_is_expired_by_the_next_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let pool = uuid();
+    let (id, other, old) = {
+        let q = open(dir.path(), &clock);
+        let id = enqueue_new(&q, pool, "k");
+        let old = reserve_one(&q, pool);
+        clock.advance(secs(1));
+        let other = enqueue_new(&q, pool, "other");
+        (id, other, old)
+    };
+    clock.advance(secs(60));
+    let q = open(dir.path(), &clock);
+    let seq = q.read_wakeup_sequence(pool).unwrap();
+    assert_eq!(q.read_reservation(pool, id).unwrap(), Some(old.clone()));
+    let d = q.reserve_detailed(pool, &ReserveFilter::any()).unwrap();
+    assert_eq!(d.expired.redelivered.len(), 1);
+    assert_eq!(d.expired.redelivered[0].message_id, id);
+    // The expired one went to the back: `other` is handed out first.
+    assert_eq!(d.reservation.unwrap().message.message_id, other);
+    assert_eq!(q.read_wakeup_sequence(pool).unwrap(), seq + 1);
+    let again = reserve_one(&q, pool);
+    assert_eq!(again.message.message_id, id);
+    assert_eq!(again.message.delivery_count, 2);
+    assert_eq!(
+        q.ack(pool, id, &old.reservation_token).unwrap().status,
+        OpStatus::InvalidToken
+    );
+    assert_clean(&q);
+}
+
+#[test]
+fn lease_that_lapsed_while_closed_is_expired_by_the_sweeper() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let pool = uuid();
+    let id = {
+        let q = open(dir.path(), &clock);
+        let id = enqueue_new(&q, pool, "k");
+        reserve_one(&q, pool);
+        id
+    };
+    clock.advance(secs(31));
+    let q = path_builder(dir.path(), &clock)
+        .sweep_interval(Some(Duration::from_millis(10)))
+        .open()
+        .unwrap();
+    // No caller touches the message: the sweeper alone makes it visible and wakes the pool.
+    let woke = q
+        .wait_for_wakeup(pool, 1, Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(woke.map(|w| w.sequence), Some(2));
+    assert!(eventually(Duration::from_secs(30), || {
+        q.read_reservation(pool, id).unwrap().is_none()
+    }));
+    let m = q.read_message(pool, id).unwrap().unwrap();
+    assert_eq!(m.delivery_count, 1);
+    assert_eq!(m.updated_at, clock.now());
+    assert_clean(&q);
+}
+
+#[test]
+fn with_the_sweeper_off_a_lapsed_lease_stays_until_someone_acts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let pool = uuid();
+    let (id, r) = {
+        let q = open(dir.path(), &clock);
+        let id = enqueue_new(&q, pool, "k");
+        (id, reserve_one(&q, pool))
+    };
+    clock.advance(secs(31));
+    let q = open(dir.path(), &clock); // sweep_interval(None)
+    assert_eq!(
+        q.wait_for_wakeup(pool, 1, Some(Duration::from_millis(200)))
+            .unwrap(),
+        None
+    );
+    assert_eq!(q.read_reservation(pool, id).unwrap(), Some(r.clone()));
+    assert_eq!(
+        q.ack(pool, id, &r.reservation_token).unwrap().status,
+        OpStatus::Expired
+    );
+    assert_eq!(q.read_wakeup_sequence(pool).unwrap(), 2);
+    assert_clean(&q);
+}
