@@ -1,0 +1,360 @@
+//! Raw limits of this machine, measured in the same `cargo bench` run as the engine benches,
+//! so that every engine result can be stated as a ratio to what the disk and sled allow.
+//!
+//! - `limits/sled_txn/{none,flush,flush_fdatasync}`: one sled transaction over 3 trees (a
+//!   ~300-byte record, an index entry, a counter) per operation, configured like the engine
+//!   (HighThroughput, 8 MiB segments, 64 MiB cache), followed by nothing, by `Db::flush()`,
+//!   or by `flush()` plus `fdatasync` of sled's `db` file. These are the ceilings for the
+//!   engine's `Buffered`, `Flush` and `Fsync` modes (goal: single-thread durable operation
+//!   ≥ 80 % of the matching rate).
+//! - `limits/sled_txn_width/{3,9}`: the same 3 writes in a transaction opened over 3 or over
+//!   9 trees (no flush): the per-transaction cost of the trees a write set does not touch.
+//! - `limits/sled_batch_flush_fdatasync/{1,8,32}`: that many transactions share one
+//!   `flush()` + `fdatasync`: the ceiling for group commit with that many threads (goal:
+//!   8 threads ≥ 50k durable operations/s).
+//! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~4,000 writes of
+//!   `expire_leases(1000)` as one 4-tree transaction or as per-tree batches, then `flush()` +
+//!   `fdatasync`: the ceiling for the expiry goal (≤ 5 ms).
+//! - `limits/fdatasync_4k`: `pwrite` of 4 KiB into a preallocated file + `fdatasync`: what
+//!   the disk gives one synchronous writer.
+//! - `limits/condvar_wakeup`: a thread blocked on a `Condvar`; from `notify_one` to the
+//!   thread running (p50 printed): the floor under the engine's wakeup latency (goal p50
+//!   ≤ 20 µs).
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use sled::transaction::TransactionError;
+use sled::Transactional;
+
+struct RawSled {
+    _dir: tempfile::TempDir,
+    db: sled::Db,
+    trees: [sled::Tree; 3],
+    file: File,
+    record: Vec<u8>,
+    next: u64,
+}
+
+impl RawSled {
+    fn open() -> RawSled {
+        let dir = common::tempdir();
+        let path = dir.path().join("raw");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(64 << 20)
+            .mode(sled::Mode::HighThroughput)
+            .segment_size(8 << 20)
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
+        let tree = |n: &str| db.open_tree(n).expect("open tree");
+        let trees = [tree("records"), tree("index"), tree("meta")];
+        let file = File::open(path.join("db")).expect("open sled db file");
+        RawSled {
+            _dir: dir,
+            db,
+            trees,
+            file,
+            record: vec![0x5a; 300],
+            next: 0,
+        }
+    }
+
+    /// One 3-tree transaction with engine-sized keys and values.
+    fn txn(&mut self) {
+        let i = self.next;
+        self.next += 1;
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+        key[24..].copy_from_slice(&i.to_be_bytes());
+        let mut index = [0u8; 57];
+        index[..16].copy_from_slice(&key[..16]);
+        index[41..49].copy_from_slice(&i.to_be_bytes());
+        let (a, b, c) = (&self.trees[0], &self.trees[1], &self.trees[2]);
+        let record = &self.record;
+        let r: Result<(), TransactionError<()>> = (a, b, c).transaction(|(a, b, c)| {
+            a.insert(&key[..], record.as_slice())?;
+            b.insert(&index[..], &key[16..])?;
+            c.insert(b"seq".as_slice(), &i.to_be_bytes())?;
+            Ok(())
+        });
+        r.expect("sled transaction");
+    }
+
+    fn flush(&self) {
+        self.db.flush().expect("flush");
+    }
+
+    fn fdatasync(&self) {
+        self.file.sync_data().expect("fdatasync");
+    }
+}
+
+fn sled_txn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits/sled_txn");
+    g.throughput(Throughput::Elements(1));
+    for what in ["none", "flush", "flush_fdatasync"] {
+        let mut raw = RawSled::open();
+        let mut cpu = common::CpuAccount::default();
+        g.bench_function(what, |b| {
+            b.iter(|| {
+                let (s0, t0) = (common::thread_sched_ns(), Instant::now());
+                raw.txn();
+                if what != "none" {
+                    raw.flush();
+                }
+                if what == "flush_fdatasync" {
+                    raw.fdatasync();
+                }
+                cpu.add(s0, t0.elapsed());
+            })
+        });
+        cpu.report(&format!("limits/sled_txn/{what}"));
+    }
+    g.finish();
+}
+
+/// The same 3 writes as `limits/sled_txn/none`, in a transaction opened over a slice of 3
+/// or of 9 trees (the engine opens every transaction over all 9 of its trees).
+fn sled_txn_width(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits/sled_txn_width");
+    g.throughput(Throughput::Elements(1));
+    for width in [3usize, 9] {
+        let mut raw = RawSled::open();
+        let mut trees: Vec<sled::Tree> = raw.trees.to_vec();
+        for i in 3..width {
+            trees.push(raw.db.open_tree(format!("extra{i}")).expect("tree"));
+        }
+        let mut cpu = common::CpuAccount::default();
+        g.bench_with_input(BenchmarkId::from_parameter(width), &width, |b, _| {
+            b.iter(|| {
+                let (s0, t0) = (common::thread_sched_ns(), Instant::now());
+                let i = raw.next;
+                raw.next += 1;
+                let mut key = [0u8; 32];
+                key[24..].copy_from_slice(&i.to_be_bytes());
+                let mut index = [0u8; 57];
+                index[41..49].copy_from_slice(&i.to_be_bytes());
+                let record = &raw.record;
+                let r: Result<(), TransactionError<()>> = trees[..].transaction(|v| {
+                    v[0].insert(&key[..], record.as_slice())?;
+                    v[1].insert(&index[..], &key[16..])?;
+                    v[2].insert(b"seq".as_slice(), &i.to_be_bytes())?;
+                    Ok(())
+                });
+                r.expect("sled transaction");
+                cpu.add(s0, t0.elapsed());
+            })
+        });
+        cpu.report(&format!("limits/sled_txn_width/{width}"));
+    }
+    g.finish();
+}
+
+fn sled_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits/sled_batch_flush_fdatasync");
+    for batch in [1u64, 8, 32] {
+        let mut raw = RawSled::open();
+        g.throughput(Throughput::Elements(batch));
+        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| {
+                for _ in 0..batch {
+                    raw.txn();
+                }
+                raw.flush();
+                raw.fdatasync();
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The writes of `expire_leases(1000)`: per lease a record put, two lease-index deletes and
+/// a visible-index put, over 4 trees; either as one sled transaction or as one
+/// `apply_batch` per tree (atomic per tree only), then `flush()` + `fdatasync`.
+fn sled_bulk(c: &mut Criterion) {
+    const LEASES: u64 = 1_000;
+    let mut g = c.benchmark_group("limits/sled_1000_leases_flush_fdatasync");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(10);
+    for how in ["txn", "batch"] {
+        let raw = RawSled::open();
+        let t3 = raw.db.open_tree("leases").expect("tree");
+        let mut round = 0u64;
+        let mut cpu = common::CpuAccount::default();
+        g.bench_function(how, |b| {
+            b.iter(|| {
+                let (s0, t0) = (common::thread_sched_ns(), Instant::now());
+                round += 1;
+                let key = |i: u64, len: usize| {
+                    let mut k = vec![0u8; len];
+                    k[len - 16..len - 8].copy_from_slice(&round.to_be_bytes());
+                    k[len - 8..].copy_from_slice(&i.to_be_bytes());
+                    k
+                };
+                let (a, bt, c3) = (&raw.trees[0], &raw.trees[1], &raw.trees[2]);
+                if how == "txn" {
+                    let r: Result<(), TransactionError<()>> =
+                        (a, bt, c3, &t3).transaction(|(a, bt, _c3, t3)| {
+                            for i in 0..LEASES {
+                                a.insert(key(i, 32), raw.record.as_slice())?;
+                                bt.insert(key(i, 57), &[1u8; 16][..])?;
+                                t3.remove(key(i, 48))?;
+                                t3.remove(key(i, 16))?;
+                            }
+                            Ok(())
+                        });
+                    r.expect("transaction");
+                } else {
+                    let (mut ba, mut bb, mut bd) = Default::default();
+                    for i in 0..LEASES {
+                        sled::Batch::insert(&mut ba, key(i, 32), raw.record.as_slice());
+                        sled::Batch::insert(&mut bb, key(i, 57), &[1u8; 16][..]);
+                        sled::Batch::remove(&mut bd, key(i, 48));
+                        sled::Batch::remove(&mut bd, key(i, 16));
+                    }
+                    a.apply_batch(ba).expect("batch");
+                    bt.apply_batch(bb).expect("batch");
+                    t3.apply_batch(bd).expect("batch");
+                }
+                raw.flush();
+                raw.fdatasync();
+                cpu.add(s0, t0.elapsed());
+            })
+        });
+        cpu.report(&format!("limits/sled_1000_leases_flush_fdatasync/{how}"));
+    }
+    g.finish();
+}
+
+fn fdatasync_4k(c: &mut Criterion) {
+    let dir = common::tempdir();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("sync"))
+        .expect("open file");
+    const SLOTS: u64 = 256;
+    file.set_len(SLOTS * 4096).expect("preallocate");
+    file.write_all_at(&vec![0u8; (SLOTS * 4096) as usize], 0)
+        .expect("fill");
+    file.sync_all().expect("sync");
+    let page = vec![0xa5u8; 4096];
+    let mut i = 0u64;
+    let mut g = c.benchmark_group("limits");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("fdatasync_4k", |b| {
+        b.iter(|| {
+            file.write_all_at(&page, (i % SLOTS) * 4096)
+                .expect("pwrite");
+            file.sync_data().expect("fdatasync");
+            i += 1;
+        })
+    });
+    g.finish();
+}
+
+fn condvar_wakeup(c: &mut Criterion) {
+    struct Shared {
+        seq: Mutex<u64>,
+        changed: Condvar,
+        observed_seq: AtomicU64,
+        observed_at: AtomicU64,
+    }
+    let base = Instant::now();
+    let shared = Arc::new(Shared {
+        seq: Mutex::new(0),
+        changed: Condvar::new(),
+        observed_seq: AtomicU64::new(0),
+        observed_at: AtomicU64::new(0),
+    });
+    let waiter = {
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            loop {
+                let mut g = s.seq.lock().expect("lock");
+                while *g == seen {
+                    g = s.changed.wait(g).expect("wait");
+                }
+                seen = *g;
+                drop(g);
+                s.observed_at
+                    .store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                s.observed_seq.store(seen, Ordering::SeqCst);
+                if seen == u64::MAX {
+                    return;
+                }
+            }
+        })
+    };
+    let mut samples = Vec::new();
+    let mut next = 0u64;
+    let mut g = c.benchmark_group("limits");
+    g.sampling_mode(SamplingMode::Flat);
+    g.warm_up_time(Duration::from_millis(200));
+    g.measurement_time(Duration::from_millis(500));
+    g.bench_function("condvar_wakeup", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                next += 1;
+                let t0 = base.elapsed().as_nanos() as u64;
+                *shared.seq.lock().expect("lock") = next;
+                shared.changed.notify_one();
+                wait_until(&shared.observed_seq, next);
+                let lat = Duration::from_nanos(
+                    shared.observed_at.load(Ordering::SeqCst).saturating_sub(t0),
+                );
+                samples.push(lat);
+                total += lat;
+                // Let the waiter block again before the next notify (not counted).
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            total
+        })
+    });
+    g.finish();
+    *shared.seq.lock().expect("lock") = u64::MAX;
+    shared.changed.notify_one();
+    waiter.join().expect("waiter");
+    common::report_percentiles(
+        "limits/condvar_wakeup (notify -> waiter running)",
+        &mut samples,
+    );
+}
+
+/// Spins (yielding) until `a` reaches `v`.
+fn wait_until(a: &AtomicU64, v: u64) {
+    let mut spins = 0u32;
+    while a.load(Ordering::SeqCst) < v {
+        spins += 1;
+        if spins < 200 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn load(_: &mut Criterion) {
+    common::print_load("limits");
+}
+
+criterion_group! {
+    name = limits;
+    config = common::config();
+    targets = load, sled_txn, sled_txn_width, sled_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
+}
+criterion_main!(limits);
