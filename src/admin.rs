@@ -350,6 +350,7 @@ impl Queue {
         inner.store.wait_durable(committed.ticket)?;
         // The caches follow the imported state.
         writer.next_seq = next_seq;
+        writer.seq_limit = next_seq;
         writer.wake.clear();
         writer.metrics = load_metrics(store)?;
         writer.dirty.clear();

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::TryRng;
 use uuid::Uuid;
@@ -36,6 +36,10 @@ use crate::wakeup::Wakeups;
 
 /// Idempotency keys longer than this are refused.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 1024;
+/// How many `seq` values one write of `meta/seq` reserves.
+const SEQ_BLOCK: u64 = 4096;
+/// How often in-memory counters ride along with a transaction.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
 /// How many due leases `reserve` expires in its pool before looking for work.
 const RESERVE_EXPIRY_LIMIT: usize = 100;
 
@@ -178,9 +182,11 @@ impl QueueBuilder {
             store,
             writer: Mutex::new(Writer {
                 next_seq,
+                seq_limit: next_seq,
                 wake: HashMap::new(),
                 metrics,
                 dirty: BTreeSet::new(),
+                metrics_written: Instant::now(),
             }),
             policy: RwLock::new(self.policy),
             clock: self.clock,
@@ -480,11 +486,16 @@ impl Queue {
 pub(crate) struct Writer {
     /// The next `seq` to hand out (persisted in `meta/seq` by every transaction that uses it).
     pub(crate) next_seq: u64,
+    /// The `seq` high-water mark on disk: every `seq` handed out is below it. Raised in blocks
+    /// of `SEQ_BLOCK`, so most transactions do not write `meta/seq`.
+    pub(crate) seq_limit: u64,
     /// Applied wakeup sequences (may be ahead of the published ones until durable).
     pub(crate) wake: HashMap<Uuid, u64>,
     /// Every counter's value; `dirty` ones are ahead of the `metrics` tree.
     pub(crate) metrics: BTreeMap<Counter, u64>,
     pub(crate) dirty: BTreeSet<Counter>,
+    /// When dirty counters were last written.
+    pub(crate) metrics_written: Instant,
 }
 
 /// The engine shared by all handles and the sweeper.
@@ -579,45 +590,39 @@ impl<'a> Txn<'a> {
 
     pub(crate) fn commit(mut self) -> Result<Committed> {
         if self.ws.is_empty() && self.wakes.is_empty() {
-            // Nothing to write: the counts wait in memory for the next transaction.
-            for c in self.counts {
-                *self.writer.metrics.entry(c.clone()).or_insert(0) += 1;
-                self.writer.dirty.insert(c);
-            }
+            // Nothing to write: the counts wait in memory for a later transaction.
+            self.writer.add_counts(self.counts, false);
             return Ok(Committed {
                 ticket: self.store.applied_ticket(),
                 wakes: Vec::new(),
             });
         }
-        if self.next_seq != self.writer.next_seq {
-            self.ws.put(
-                TreeId::Meta,
-                keys::META_SEQ,
-                codec::encode_u64(self.next_seq),
-            );
-        }
+        let seq_limit = if self.next_seq > self.writer.seq_limit {
+            let limit = self.next_seq.saturating_add(SEQ_BLOCK);
+            self.ws
+                .put(TreeId::Meta, keys::META_SEQ, codec::encode_u64(limit));
+            limit
+        } else {
+            self.writer.seq_limit
+        };
         for (pool, v) in &self.wakes {
             self.ws
                 .put(TreeId::Wakeups, keys::wakeup(*pool), codec::encode_u64(*v));
         }
-        let mut metrics: BTreeMap<Counter, u64> = self
-            .writer
-            .dirty
-            .iter()
-            .map(|c| (c.clone(), self.writer.metrics.get(c).copied().unwrap_or(0)))
-            .collect();
-        for c in &self.counts {
-            let base = self.writer.metrics.get(c).copied().unwrap_or(0);
-            *metrics.entry(c.clone()).or_insert(base) += 1;
-        }
-        for (c, v) in &metrics {
-            self.ws
-                .put(TreeId::Metrics, keys::metric(c), codec::encode_u64(*v));
+        // Counters ride along with a transaction at most once per METRICS_EVERY (and at a
+        // clean close), not in every one: a crash may lose the counts of that interval.
+        let write_metrics = !(self.counts.is_empty() && self.writer.dirty.is_empty())
+            && self.writer.metrics_written.elapsed() >= METRICS_EVERY;
+        if write_metrics {
+            for (c, v) in self.writer.counted(&self.counts) {
+                self.ws
+                    .put(TreeId::Metrics, keys::metric(&c), codec::encode_u64(v));
+            }
         }
         let ticket = self.store.commit(&self.ws)?;
-        self.writer.dirty.clear();
-        self.writer.metrics.extend(metrics);
+        self.writer.add_counts(self.counts, write_metrics);
         self.writer.next_seq = self.next_seq;
+        self.writer.seq_limit = seq_limit;
         for (pool, v) in &self.wakes {
             self.writer.wake.insert(*pool, *v);
         }
@@ -625,6 +630,60 @@ impl<'a> Txn<'a> {
             ticket,
             wakes: self.wakes,
         })
+    }
+}
+
+impl Writer {
+    /// The values of every dirty counter and of `counts` once `counts` are added.
+    fn counted(&self, counts: &[Counter]) -> BTreeMap<Counter, u64> {
+        let mut out: BTreeMap<Counter, u64> = self
+            .dirty
+            .iter()
+            .map(|c| (c.clone(), self.metrics.get(c).copied().unwrap_or(0)))
+            .collect();
+        for c in counts {
+            let base = self.metrics.get(c).copied().unwrap_or(0);
+            *out.entry(c.clone()).or_insert(base) += 1;
+        }
+        out
+    }
+
+    /// Adds `counts`; `written` says the transaction just committed carried every dirty
+    /// counter to disk.
+    fn add_counts(&mut self, counts: Vec<Counter>, written: bool) {
+        for c in counts {
+            *self.metrics.entry(c.clone()).or_insert(0) += 1;
+            if !written {
+                self.dirty.insert(c);
+            }
+        }
+        if written {
+            self.dirty.clear();
+            self.metrics_written = Instant::now();
+        }
+    }
+
+    /// A write set carrying every dirty counter (for a clean close).
+    fn dirty_metrics(&self) -> WriteSet {
+        let mut ws = WriteSet::default();
+        for (c, v) in self.counted(&[]) {
+            ws.put(TreeId::Metrics, keys::metric(&c), codec::encode_u64(v));
+        }
+        ws
+    }
+}
+
+impl Drop for Inner {
+    /// A clean close writes the counters still only in memory.
+    fn drop(&mut self) {
+        let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+        if writer.dirty.is_empty() || self.store.failure().is_some() {
+            return;
+        }
+        let ws = writer.dirty_metrics();
+        if let Ok(ticket) = self.store.commit(&ws) {
+            let _ = self.store.wait_durable(ticket);
+        }
     }
 }
 
