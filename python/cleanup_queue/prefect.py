@@ -7,6 +7,9 @@ never closes them, so every instance in a process shares one engine per database
 (the module-level registry below). The engine is closed when the process exits.
 
 - Database: ``CLEANUP_QUEUE_PATH``, default ``$PREFECT_HOME/cleanup-queue``.
+- ``CLEANUP_QUEUE_DURABILITY``: ``fsync`` (default: every returned call survives power
+  loss), ``flush`` (survives a process crash) or ``buffered:<ms>`` (like Redis
+  ``appendfsync everysec``: a crash may lose the last interval).
 - ``CLEANUP_QUEUE_MANUAL_CLOCK=1`` (tests only): the engine's clock stands still unless
   moved with :class:`cleanup_queue.testing.QueueClock`.
 - Policy (lease, max delivery attempts, completed idempotency retention) is read from
@@ -53,6 +56,7 @@ __all__ = ["CleanupQueueError", "WorkerCleanupQueue", "open_engine"]
 
 PATH_ENV = "CLEANUP_QUEUE_PATH"
 MANUAL_CLOCK_ENV = "CLEANUP_QUEUE_MANUAL_CLOCK"
+DURABILITY_ENV = "CLEANUP_QUEUE_DURABILITY"
 DEAD_LETTER_SOURCE = "durable_cleanup_queue"
 _DEFAULT_EXPIRE_LEASE_LIMIT = 100
 # The longest a single blocking native wait lasts; a cancelled wait_for_wakeup frees its
@@ -110,7 +114,8 @@ def open_engine(path: str | os.PathLike[str] | None = None) -> Engine:
         if engine is None:
             manual = os.environ.get(MANUAL_CLOCK_ENV, "").lower() in {"1", "true", "yes"}
             os.makedirs(os.path.dirname(key) or ".", exist_ok=True)
-            engine = Engine(key, manual_clock=manual)
+            durability = os.environ.get(DURABILITY_ENV) or "fsync"
+            engine = Engine(key, manual_clock=manual, durability=durability)
             _ENGINES[key] = engine
         return engine
 

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use cleanup_queue::{
-    CleanupKind, DeadLetter, Error, LeaseExpiryResult, ManualClock, Message, NewMessage,
-    OperationResult, Policy, Queue, Reservation, ReserveFilter, Timestamp,
+    CleanupKind, DeadLetter, Durability, Error, LeaseExpiryResult, ManualClock, Message,
+    NewMessage, OperationResult, Policy, Queue, Reservation, ReserveFilter, Timestamp,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -132,16 +132,45 @@ impl Engine {
     }
 }
 
+/// `fsync`, `flush` or `buffered:<milliseconds>`.
+fn parse_durability(text: &str) -> PyResult<Durability> {
+    let bad = || {
+        PyValueError::new_err(format!(
+            "durability must be fsync, flush or buffered:<milliseconds>, got {text:?}"
+        ))
+    };
+    match text.split_once(':') {
+        None if text == "fsync" => Ok(Durability::Fsync),
+        None if text == "flush" => Ok(Durability::Flush),
+        Some(("buffered", ms)) => match ms.parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(Durability::Buffered {
+                every: Duration::from_millis(ms),
+            }),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
 #[pymethods]
 impl Engine {
     /// Opens (or creates) the database in directory `path`. The background sweeper is off:
     /// Prefect's reconciler calls `expire_leases`, so every expiry reaches its metrics.
     /// `manual_clock`: the engine's time stands still until `clock_set`/`clock_advance`.
+    /// `durability`: `fsync` (default), `flush`, or `buffered:<milliseconds>`.
     #[new]
-    #[pyo3(signature = (path, manual_clock = false))]
-    fn new(py: Python<'_>, path: PathBuf, manual_clock: bool) -> PyResult<Engine> {
+    #[pyo3(signature = (path, manual_clock = false, durability = "fsync"))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        manual_clock: bool,
+        durability: &str,
+    ) -> PyResult<Engine> {
+        let durability = parse_durability(durability)?;
         let clock = manual_clock.then(ManualClock::starting_now);
-        let mut builder = Queue::builder(&path).sweep_interval(None);
+        let mut builder = Queue::builder(&path)
+            .sweep_interval(None)
+            .durability(durability);
         if let Some(c) = &clock {
             builder = builder.clock(c.clone());
         }

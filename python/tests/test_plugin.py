@@ -323,3 +323,45 @@ def test_storage_errors_have_the_package_exception_type() -> None:
     assert issubclass(CleanupQueueError, Exception)
     assert not issubclass(CleanupQueueError, ValueError)
     assert plugin.CleanupQueueError is CleanupQueueError
+
+
+async def test_durability_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A buffered engine works like the default one; data written through it is there after
+    # a clean close and reopen.
+    path = tmp_path / "buffered"
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "buffered:200")
+    q = WorkerCleanupQueue()
+    pool, message_id = uuid4(), uuid4()
+    await q.enqueue(
+        message_id=message_id,
+        idempotency_key="k",
+        work_pool_id=pool,
+        kind=CANCELLING_TIMEOUT_TEARDOWN,
+        target={"flow_run_id": "1"},
+    )
+    plugin._forget_engine(path)
+    del q
+    import gc
+
+    gc.collect()
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "flush")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = WorkerCleanupQueue()
+            break
+        except CleanupQueueError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    stored = await again.read_message(work_pool_id=pool, message_id=message_id)
+    assert stored is not None and stored.idempotency_key == "k"
+    plugin._forget_engine(path)
+
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "bad"))
+    for bad in ("fast", "buffered:", "buffered:0", "buffered:x"):
+        monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", bad)
+        with pytest.raises(ValueError, match="durability must be"):
+            WorkerCleanupQueue()
