@@ -30,7 +30,7 @@ use crate::model::{
     Reservation, ReserveFilter, Wakeup,
 };
 use crate::policy::Policy;
-use crate::store::{self, Durability, Location, Store, StoreConfig, WriteSet};
+use crate::store::{Durability, Location, Store, StoreConfig, WriteSet};
 use crate::sweeper::Sweeper;
 use crate::wakeup::Wakeups;
 
@@ -1239,12 +1239,11 @@ fn next_in_fifo_order(heads: &mut [IndexIter]) -> Result<Option<(sled::IVec, sle
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Queue>();
-    let _ = store::decode_record_at;
-}
+/// `Queue` is shared across threads; this fails to compile if it ever stops being so.
+const _: () = {
+    const fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Queue>()
+};
 
 #[cfg(test)]
 mod tests {
