@@ -1143,40 +1143,58 @@ fn kill_9_loses_nothing_acknowledged_flush() {
 
 /// The harness is not vacuous: in `Buffered` mode with a long flush interval, a kill loses
 /// acknowledged operations, and the checks must say so.
+///
+/// Postmortem (flaky at 1 run in 4 in its first form): whether a kill in buffered mode loses
+/// anything depends on whether sled's IO threads happened to write the sealed log buffer
+/// before the kill, so one cycle cannot be required to lose data. The test now runs up to
+/// ten cycles and requires that at least one loses acknowledged operations and is caught;
+/// every cycle, lossy or not, must recover a consistent state. Its first form also accepted
+/// only three of the five ways the checks report a lost acknowledged operation.
 #[test]
 fn the_harness_catches_lost_acknowledged_operations_in_buffered_mode() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let durability = Durability::Buffered {
         every: Duration::from_secs(600),
     };
-    let r = run_cycle(
-        durability,
-        &dir.path().join("db"),
-        &dir.path().join("ops.log"),
-        42,
-        0,
-        42,
-        Kill::AfterOps(40),
-    );
-    let e = match r {
-        Err(e) => e,
-        Ok(r) => panic!(
-            "{} acknowledged operations were killed in buffered mode and nothing was missed",
-            r.completed_ops
-        ),
-    };
-    assert!(
-        e.contains("is gone") || e.contains("is Missing") || e.contains("behind"),
-        "{e}"
-    );
-    // What buffered mode does promise: the state it recovers is consistent.
-    let clock = ManualClock::new(START);
-    let q = builder(&dir.path().join("db"), &clock, durability)
-        .open()
-        .expect("reopen");
-    assert_eq!(
-        q.check_integrity().expect("integrity"),
-        Vec::<String>::new()
+    let mut lossless = Vec::new();
+    for seed in 42..52 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = run_cycle(
+            durability,
+            &dir.path().join("db"),
+            &dir.path().join("ops.log"),
+            seed,
+            0,
+            seed,
+            Kill::AfterOps(40),
+        );
+        // What buffered mode does promise: the state it recovers is consistent.
+        let clock = ManualClock::new(START);
+        let q = builder(&dir.path().join("db"), &clock, durability)
+            .open()
+            .expect("reopen");
+        assert_eq!(
+            q.check_integrity().expect("integrity"),
+            Vec::<String>::new()
+        );
+        match r {
+            Err(e) => {
+                // Every way a lost acknowledged operation shows: a message gone, a
+                // reservation or wake behind, an ended reservation back, a count going back.
+                let lost = [
+                    "is gone",
+                    "is Missing",
+                    "behind",
+                    "came back after it ended",
+                    "went back",
+                ];
+                assert!(lost.iter().any(|l| e.contains(l)), "{e}");
+                return;
+            }
+            Ok(r) => lossless.push(r.completed_ops),
+        }
+    }
+    panic!(
+        "ten buffered-mode kills lost nothing the harness noticed (acknowledged operations per cycle: {lossless:?})"
     );
 }
 
