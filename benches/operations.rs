@@ -103,6 +103,17 @@ fn run_threads(iters: u64, threads: u64, op: impl Fn(usize) + Sync) -> Duration 
 
 const THREADS: [u64; 4] = [1, 2, 8, 32];
 
+/// Prints how many transactions shared each flush over the whole bench (warm-up included).
+fn report_batching(id: &str, q: &Queue) {
+    let s = q.commit_stats();
+    println!(
+        "[batch] {id}: {} transactions, {} flushes, {:.2} per flush",
+        s.transactions,
+        s.flushes,
+        s.transactions as f64 / s.flushes.max(1) as f64
+    );
+}
+
 fn group_commit(c: &mut Criterion) {
     let mut g = c.benchmark_group("group_commit_enqueue");
     g.sampling_mode(SamplingMode::Flat);
@@ -119,6 +130,7 @@ fn group_commit(c: &mut Criterion) {
                     })
                 })
             });
+            report_batching(&format!("group_commit_enqueue/{name}/{threads}"), &q);
         }
     }
     g.finish();
@@ -138,6 +150,7 @@ fn group_commit(c: &mut Criterion) {
                 b.iter_custom(|iters| run_threads(iters, threads, |t| one_cycle(&q, pools[t])))
             },
         );
+        report_batching(&format!("group_commit_cycle/fsync/{threads}"), &q);
     }
     g.finish();
 }

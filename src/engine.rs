@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use crate::model::{
     Reservation, ReserveFilter, Wakeup,
 };
 use crate::policy::Policy;
-use crate::store::{Durability, Location, Store, StoreConfig, WriteSet};
+use crate::store::{CommitStats, Durability, Location, Store, StoreConfig, WriteSet};
 use crate::sweeper::Sweeper;
 use crate::wakeup::Wakeups;
 
@@ -42,6 +43,8 @@ const SEQ_BLOCK: u64 = 4096;
 const METRICS_EVERY: Duration = Duration::from_secs(1);
 /// How many due leases `reserve` expires in its pool before looking for work.
 const RESERVE_EXPIRY_LIMIT: usize = 100;
+/// The longest a flush leader waits for writers in progress to join its flush.
+const GATHER_MAX: Duration = Duration::from_micros(500);
 
 /// Opens a [`Queue`]. Every setting has a production default.
 #[derive(Debug)]
@@ -188,6 +191,7 @@ impl QueueBuilder {
                 dirty: BTreeSet::new(),
                 metrics_written: Instant::now(),
             }),
+            writers: AtomicUsize::new(0),
             policy: RwLock::new(self.policy),
             clock: self.clock,
             wakeups: Wakeups::default(),
@@ -463,6 +467,12 @@ impl Queue {
         self.inner().store.size_on_disk()
     }
 
+    /// Transactions committed and durability flushes done since this engine was opened:
+    /// how well group commit shares flushes (`transactions / flushes` operations per flush).
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner().store.commit_stats()
+    }
+
     /// Checks every record and index against each other and the invariants. Returns the
     /// violations found (empty when healthy); reads the database once.
     pub fn check_integrity(&self) -> Result<Vec<String>> {
@@ -498,10 +508,37 @@ pub(crate) struct Writer {
     pub(crate) metrics_written: Instant,
 }
 
+/// The writer lock, counted (see `Inner::gather`).
+pub(crate) struct WriterGuard<'a> {
+    guard: MutexGuard<'a, Writer>,
+    writers: &'a AtomicUsize,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.guard
+    }
+}
+
 /// The engine shared by all handles and the sweeper.
 pub(crate) struct Inner {
     pub(crate) store: Store,
     writer: Mutex<Writer>,
+    /// Threads holding or queued for the writer lock.
+    writers: AtomicUsize,
     policy: RwLock<Policy>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) wakeups: Wakeups,
@@ -724,8 +761,27 @@ fn base64url(bytes: &[u8]) -> String {
 type IndexIter = Peekable<Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec)>>>>;
 
 impl Inner {
-    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    /// The writer lock. Holders (and threads queued for it) are counted in `writers`.
+    pub(crate) fn lock_writer(&self) -> WriterGuard<'_> {
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        WriterGuard {
+            guard: self.writer.lock().unwrap_or_else(|p| p.into_inner()),
+            writers: &self.writers,
+        }
+    }
+
+    /// Group commit, before a flush leader flushes: writers holding or queued for the lock
+    /// commit within tens of microseconds and would each need a flush of their own (sled
+    /// does not let commits proceed much while it flushes). Letting them pass first makes
+    /// one flush cover them all. A lone caller finds no writer and flushes at once; the
+    /// wait is bounded by `GATHER_MAX`.
+    fn gather(&self) {
+        let started = Instant::now();
+        while self.writers.load(Ordering::SeqCst) > 0 && started.elapsed() < GATHER_MAX {
+            // Not counted as a writer: taking and dropping the lock waits for its holder.
+            drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()));
+            std::thread::yield_now();
+        }
     }
 
     fn policy(&self) -> Policy {
@@ -762,6 +818,9 @@ impl Inner {
 
     /// After the writer lock is released: durability, then wakeups.
     pub(crate) fn finish(&self, c: Committed) -> Result<()> {
+        if self.store.would_lead(c.ticket) {
+            self.gather();
+        }
         self.store.wait_durable(c.ticket)?;
         for (pool, v) in c.wakes {
             self.wakeups.publish(pool, v, || self.stored_wakeup(pool))?;

@@ -64,4 +64,4 @@ pub use model::{
     Operation, OperationResult, PoolStats, RedriveRecord, Reservation, ReserveFilter, Wakeup,
 };
 pub use policy::Policy;
-pub use store::Durability;
+pub use store::{CommitStats, Durability};

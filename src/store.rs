@@ -38,6 +38,17 @@ pub enum Durability {
     },
 }
 
+/// Commit counts since a [`Queue`](crate::Queue) was opened
+/// ([`Queue::commit_stats`](crate::Queue::commit_stats)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Transactions applied (every mutating step; a rejected operation writes none).
+    pub transactions: u64,
+    /// Durability flushes (`Flush` and `Fsync` modes; always 0 in `Buffered` mode, where the
+    /// storage library flushes in the background).
+    pub flushes: u64,
+}
+
 /// Where the database lives.
 pub(crate) enum Location {
     Path(PathBuf),
@@ -121,6 +132,8 @@ pub(crate) struct Store {
     sync_file: Option<File>,
     /// Tickets handed out: one per committed transaction, in commit order.
     applied: AtomicU64,
+    /// Durability flushes done.
+    flushes: AtomicU64,
     flush: Mutex<FlushState>,
     flushed: Condvar,
     path: Option<PathBuf>,
@@ -193,6 +206,7 @@ impl Store {
             durability: config.durability,
             sync_file,
             applied: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
             flush: Mutex::new(FlushState {
                 durable: 0,
                 flushing: false,
@@ -299,9 +313,27 @@ impl Store {
         self.applied.load(Ordering::SeqCst)
     }
 
+    pub fn commit_stats(&self) -> CommitStats {
+        CommitStats {
+            transactions: self.applied.load(Ordering::SeqCst),
+            flushes: self.flushes.load(Ordering::SeqCst),
+        }
+    }
+
     /// The failure of an earlier flush, if any.
     pub fn failure(&self) -> Option<String> {
         lock(&self.flush).failed.clone()
+    }
+
+    /// Whether waiting for `ticket` would start a flush of its own (no flush in progress
+    /// covers it yet). The engine then lets the commit in progress finish first, so that one
+    /// flush covers both.
+    pub fn would_lead(&self, ticket: u64) -> bool {
+        if let Durability::Buffered { .. } = self.durability {
+            return false;
+        }
+        let st = lock(&self.flush);
+        st.durable < ticket && !st.flushing && st.failed.is_none()
     }
 
     /// Returns once transaction `ticket` is as durable as the mode promises.
@@ -336,6 +368,7 @@ impl Store {
     }
 
     fn flush_now(&self) -> Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.faults.before_flush()?;
         self.db.flush()?;
         if let Some(f) = &self.sync_file {

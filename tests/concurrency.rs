@@ -248,3 +248,68 @@ fn pools_do_not_interfere_under_concurrency() {
     }
     assert_clean(&q);
 }
+
+/// Group commit: a lone caller flushes once per operation (nothing to wait for), concurrent
+/// callers share flushes, and `Buffered` mode never flushes in the foreground. Every
+/// returned enqueue is readable afterwards either way.
+#[test]
+fn concurrent_durable_callers_share_flushes_and_a_lone_caller_flushes_once_per_operation() {
+    let clock = clock();
+    for durability in [Durability::Flush, Durability::Fsync] {
+        let dir = tempfile::tempdir().unwrap();
+        let q = path_builder(&dir.path().join("db"), &clock)
+            .durability(durability)
+            .open()
+            .unwrap();
+        let pool = uuid();
+        let before = q.commit_stats();
+        for i in 0..20 {
+            enqueue_new(&q, pool, &format!("lone{i}"));
+        }
+        let lone = q.commit_stats();
+        assert_eq!(
+            lone.transactions - before.transactions,
+            20,
+            "{durability:?}"
+        );
+        assert_eq!(lone.flushes - before.flushes, 20, "{durability:?}");
+
+        let threads = 8;
+        let per = 50;
+        let start = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (q, start) = (q.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    (0..per)
+                        .map(|i| enqueue_new(&q, pool, &format!("t{t}-{i}")))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let ids: Vec<Uuid> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        let after = q.commit_stats();
+        let transactions = after.transactions - lone.transactions;
+        let flushes = after.flushes - lone.flushes;
+        assert_eq!(transactions, (threads * per) as u64, "{durability:?}");
+        assert!(
+            flushes < transactions,
+            "{durability:?}: {flushes} flushes for {transactions} concurrent transactions"
+        );
+        for id in ids {
+            assert!(q.read_message(pool, id).unwrap().is_some());
+        }
+    }
+    let q = temp_builder(&clock)
+        .durability(Durability::Buffered {
+            every: Duration::from_millis(50),
+        })
+        .open()
+        .unwrap();
+    enqueue_new(&q, uuid(), "k");
+    assert_eq!(q.commit_stats().flushes, 0);
+}
