@@ -5,9 +5,8 @@
 //! |--------------------|-------|
 //! | message record     | `FORMAT_V1` (1 byte) then bincode 1.3 (fixint, little-endian) of `machine::Record` |
 //! | id in an index     | 16 raw bytes |
-//! | `pool id` in `leases` | 32 raw bytes |
 //! | counters (`wakeups`, `meta/seq`) | u64 big-endian |
-//! | `meta/format`      | one byte, `FORMAT_V1` |
+//! | `meta/format`      | one byte, the key layout (`keys::LAYOUT`) |
 //!
 //! `target` and `data` are stored as JSON text inside the record: bincode cannot round-trip
 //! `serde_json::Value`.

@@ -1139,25 +1139,26 @@ impl Inner {
     ) -> Result<LeaseExpiryResult> {
         let mut due = Vec::new();
         match pool {
-            Some(p) => {
-                let lo = keys::pool_prefix(p).to_vec();
-                let hi = keys::lease_by_pool_due_bound(p, now).to_vec();
-                for item in self.store.range(TreeId::LeasesByPool, lo..=hi).take(limit) {
-                    let (k, v) = item?;
-                    let id = codec::decode_id(&v)
-                        .map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
-                    due.push((p, id, k));
-                }
-            }
+            Some(p) => self.due_leases(p, now, limit, &mut due)?,
             None => {
-                let hi = keys::lease_due_bound(now).to_vec();
-                for item in self.store.range(TreeId::Leases, ..=hi).take(limit) {
-                    let (k, v) = item?;
-                    let (p, id) = keys::parse_pool_id(&v, 0).ok_or_else(|| {
-                        Error::corrupted("leases", &k, "value is not a pool and id")
+                // One seek per pool that holds leases (its first key is its most overdue
+                // lease), then the most overdue `limit` of all the pools' due leases.
+                let mut from = Vec::new();
+                while let Some(item) = self.store.range(TreeId::LeasesByPool, from..).next() {
+                    let (k, _) = item?;
+                    let p = keys::uuid_at(&k, 0).ok_or_else(|| {
+                        Error::corrupted("leases_by_pool", &k, "key is not a pool, lease and seq")
                     })?;
-                    due.push((p, id, k));
+                    if k.as_ref() <= keys::lease_by_pool_due_bound(p, now).as_slice() {
+                        self.due_leases(p, now, limit, &mut due)?;
+                    }
+                    match keys::next_pool(p) {
+                        Some(next) => from = next.to_vec(),
+                        None => break,
+                    }
                 }
+                due.sort_by(|a, b| keys::lease_position(&a.2).cmp(keys::lease_position(&b.2)));
+                due.truncate(limit);
             }
         }
         let mut result = LeaseExpiryResult::default();
@@ -1166,7 +1167,7 @@ impl Inner {
                 Some(r) if matches!(r.state, State::Reserved { .. }) => r,
                 _ => {
                     return Err(Error::corrupted(
-                        "leases",
+                        "leases_by_pool",
                         &k,
                         "lease index points at a message that is not reserved",
                     ))
@@ -1194,6 +1195,24 @@ impl Inner {
             }
         }
         Ok(result)
+    }
+
+    /// Up to `limit` due leases of `pool`, most overdue first, appended to `due`.
+    fn due_leases(
+        &self,
+        pool: Uuid,
+        now: Timestamp,
+        limit: usize,
+        due: &mut Vec<(Uuid, Uuid, sled::IVec)>,
+    ) -> Result<()> {
+        let lo = keys::pool_prefix(pool).to_vec();
+        let hi = keys::lease_by_pool_due_bound(pool, now).to_vec();
+        for item in self.store.range(TreeId::LeasesByPool, lo..=hi).take(limit) {
+            let (k, v) = item?;
+            let id = codec::decode_id(&v).map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
+            due.push((pool, id, k));
+        }
+        Ok(())
     }
 
     pub(crate) fn prune_tombstones(&self, limit: usize) -> Result<usize> {

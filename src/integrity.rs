@@ -115,11 +115,11 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
         }
     }
     match store.get(TreeId::Meta, keys::META_FORMAT) {
-        Ok(Some(v)) if v.as_ref() == [codec::FORMAT_V1] => {}
+        Ok(Some(v)) if v.as_ref() == [keys::LAYOUT] => {}
         Ok(other) => bad.push(format!(
             "meta: format is {:?}, expected [{}]",
             other.as_deref(),
-            codec::FORMAT_V1
+            keys::LAYOUT
         )),
         Err(e) => bad.push(e.to_string()),
     }

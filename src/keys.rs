@@ -11,11 +11,10 @@
 //! | `idempotency`      | pool(16) key-bytes                               | id(16)        | duplicate detection by `(pool, idempotency_key)` |
 //! | `visible_by_kind`  | pool(16) kind(1) visible_at(8) seq(8)            | id(16)        | reserve without a queue preference, FIFO per kind |
 //! | `visible_by_queue` | pool(16) queue(16) kind(1) visible_at(8) seq(8)  | id(16)        | reserve restricted to preferred queues |
-//! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | id(16)        | expiry of one pool, most overdue first |
-//! | `leases`           | lease_expires_at(8) seq(8)                       | pool(16) id(16) | expiry across pools |
+//! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | id(16)        | expiry, most overdue first: of one pool by one range; across pools by one range per pool that holds leases |
 //! | `tombstones`       | completed_at(8) pool(16) id(16)                  | empty         | pruning acked messages past retention, oldest first |
 //! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
-//! | `meta`             | `b"format"` / `b"seq"`                           | u8 / u64      | format version; the next `seq` |
+//! | `meta`             | `b"format"` / `b"seq"`                           | u8 / u64      | layout version (`LAYOUT`); the next `seq` |
 //! | `metrics`          | family `\0` label `\0` label (`op`, `dlq`, `exp`)  | u64           | persisted counters |
 //! | `redrives`         | pool(16) id(16) seq(8)                           | audit JSON    | who redrove a dead letter, when and why |
 //!
@@ -38,7 +37,6 @@ pub(crate) enum TreeId {
     VisibleByKind,
     VisibleByQueue,
     LeasesByPool,
-    Leases,
     Tombstones,
     Wakeups,
     Meta,
@@ -47,13 +45,12 @@ pub(crate) enum TreeId {
 }
 
 impl TreeId {
-    pub const ALL: [TreeId; 11] = [
+    pub const ALL: [TreeId; 10] = [
         TreeId::Messages,
         TreeId::Idempotency,
         TreeId::VisibleByKind,
         TreeId::VisibleByQueue,
         TreeId::LeasesByPool,
-        TreeId::Leases,
         TreeId::Tombstones,
         TreeId::Wakeups,
         TreeId::Meta,
@@ -68,7 +65,6 @@ impl TreeId {
             TreeId::VisibleByKind => "visible_by_kind",
             TreeId::VisibleByQueue => "visible_by_queue",
             TreeId::LeasesByPool => "leases_by_pool",
-            TreeId::Leases => "leases",
             TreeId::Tombstones => "tombstones",
             TreeId::Wakeups => "wakeups",
             TreeId::Meta => "meta",
@@ -78,18 +74,25 @@ impl TreeId {
     }
 
     /// The trees that are pure functions of the `messages` tree.
-    pub const INDEXES: [TreeId; 6] = [
+    pub const INDEXES: [TreeId; 5] = [
         TreeId::Idempotency,
         TreeId::VisibleByKind,
         TreeId::VisibleByQueue,
         TreeId::LeasesByPool,
-        TreeId::Leases,
         TreeId::Tombstones,
     ];
 }
 
 pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_SEQ: &[u8] = b"seq";
+
+/// The key layout in `meta/format`. Layout 1 also kept a global `leases` index
+/// (`lease_expires_at seq -> pool id`); opening such a database drops that tree and
+/// writes layout 2 (`Store::open`).
+pub(crate) const LAYOUT: u8 = 2;
+/// The layout that `Store::open` migrates from, and the tree it drops.
+pub(crate) const LAYOUT_V1: u8 = 1;
+pub(crate) const LAYOUT_V1_LEASES: &str = "leases";
 
 /// A timestamp as 8 bytes that sort like the instants.
 pub(crate) fn ts(t: Timestamp) -> [u8; 8] {
@@ -144,9 +147,14 @@ pub(crate) fn lease_by_pool_due_bound(pool: Uuid, now: Timestamp) -> [u8; 32] {
     cat(&[pool.as_bytes(), &ts(now), &u64::MAX.to_be_bytes()])
 }
 
-/// The greatest `leases` key due at `now` (inclusive upper bound).
-pub(crate) fn lease_due_bound(now: Timestamp) -> [u8; 16] {
-    cat(&[&ts(now), &u64::MAX.to_be_bytes()])
+/// The first key of the pool after `pool` in any pool-prefixed tree (`None` after the last).
+pub(crate) fn next_pool(pool: Uuid) -> Option<[u8; 16]> {
+    pool.as_u128().checked_add(1).map(u128::to_be_bytes)
+}
+
+/// The FIFO position of a `leases_by_pool` key: `lease_expires_at(8) seq(8)`.
+pub(crate) fn lease_position(key: &[u8]) -> &[u8] {
+    key.get(16..).unwrap_or(key)
 }
 
 /// The greatest `tombstones` key completed at or before `t` (inclusive upper bound).
@@ -222,11 +230,6 @@ pub(crate) fn index_entries(rec: &Record) -> Vec<(TreeId, Vec<u8>, Vec<u8>)> {
                 [pool.as_slice(), &lease, &seq].concat(),
                 id.to_vec(),
             ));
-            out.push((
-                TreeId::Leases,
-                [lease.as_slice(), &seq].concat(),
-                [pool.as_slice(), id].concat(),
-            ));
         }
         State::Acked { completed_at } => out.push((
             TreeId::Tombstones,
@@ -250,7 +253,7 @@ pub(crate) fn parse_message(key: &[u8]) -> Option<(Uuid, Uuid)> {
     Some((uuid_at(key, 0)?, uuid_at(key, 16)?))
 }
 
-/// A `leases` value or a `tombstones` key tail: `(pool, id)` at `at`.
+/// A `tombstones` key tail: `(pool, id)` at `at`.
 pub(crate) fn parse_pool_id(bytes: &[u8], at: usize) -> Option<(Uuid, Uuid)> {
     (bytes.len() == at + 32).then_some(())?;
     Some((uuid_at(bytes, at)?, uuid_at(bytes, at + 16)?))

@@ -220,22 +220,35 @@ impl Store {
         Ok(store)
     }
 
-    /// Writes the format byte into a new database; refuses one written by another format.
+    /// Writes the layout byte into a new database and migrates layout 1; refuses any other.
     fn check_format(&self) -> Result<()> {
         match self.tree(TreeId::Meta).get(keys::META_FORMAT)? {
-            Some(v) if v.as_ref() == [codec::FORMAT_V1] => Ok(()),
+            Some(v) if v.as_ref() == [keys::LAYOUT] => Ok(()),
+            Some(v) if v.as_ref() == [keys::LAYOUT_V1] => {
+                // Layout 1 differs only by a derived index that layout 2 no longer keeps.
+                // Dropping it first makes a crash in between harmless: the next open finds
+                // layout 1 without the tree and drops nothing.
+                self.db.drop_tree(keys::LAYOUT_V1_LEASES)?;
+                self.write_layout()
+            }
             Some(v) => Err(Error::corrupted(
                 "meta",
                 keys::META_FORMAT,
                 format!("unsupported database format {:?}", v.as_ref()),
             )),
-            None => {
-                let mut ws = WriteSet::default();
-                ws.put(TreeId::Meta, keys::META_FORMAT, vec![codec::FORMAT_V1]);
-                let ticket = self.commit(&ws)?;
-                self.wait_durable(ticket)
-            }
+            None => self.write_layout(),
         }
+    }
+
+    fn write_layout(&self) -> Result<()> {
+        let mut ws = WriteSet::default();
+        ws.put(TreeId::Meta, keys::META_FORMAT, vec![keys::LAYOUT]);
+        let ticket = self.commit(&ws)?;
+        if let Durability::Buffered { .. } = self.durability {
+            // On disk in every mode: a layout change must never be lost.
+            self.db.flush()?;
+        }
+        self.wait_durable(ticket)
     }
 
     pub fn path(&self) -> Option<&Path> {

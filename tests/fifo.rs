@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use cleanup_queue::{CleanupKind, OpStatus, Queue, ReserveFilter};
 use common::*;
 use uuid::Uuid;
@@ -471,4 +473,33 @@ fn expire_leases_leaves_live_leases_alone() {
         OpStatus::NotCurrent
     );
     assert_clean(&q);
+}
+
+/// `expire_leases` without a pool takes the most overdue leases of all pools first, and
+/// stops at `limit` even when several pools have due leases.
+#[test]
+fn expiry_across_pools_is_most_overdue_first_and_respects_the_limit() {
+    let (q, clock) = queue();
+    let pools = uuids(3);
+    let mut order = Vec::new();
+    // Reserve one message per pool per second, cycling through the pools backwards, so
+    // the pool order and the overdue order differ.
+    for round in 0..3 {
+        for p in pools.iter().rev() {
+            enqueue_new(&q, *p, &format!("{round}"));
+            order.push(reserve_one(&q, *p).message.message_id);
+            clock.advance(secs(1));
+        }
+    }
+    clock.advance(Duration::from_secs(3600));
+    let mut got = Vec::new();
+    loop {
+        let r = q.expire_leases(4, None).unwrap();
+        assert!(r.redelivered.len() <= 4);
+        if r.redelivered.is_empty() {
+            break;
+        }
+        got.extend(r.redelivered.iter().map(|m| m.message_id));
+    }
+    assert_eq!(got, order);
 }

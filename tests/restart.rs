@@ -363,3 +363,91 @@ fn with_the_sweeper_off_a_lapsed_lease_stays_until_someone_acts() {
     assert_eq!(q.read_wakeup_sequence(pool).unwrap(), 2);
     assert_clean(&q);
 }
+
+/// Opens the raw sled database at `path`, retrying while the last handle's background
+/// thread still holds the lock.
+fn raw_sled(path: &Path) -> sled::Db {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).segment_size(8 << 20).open() {
+            Ok(db) => return db,
+            Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("raw open: {e}"),
+        }
+    }
+}
+
+/// A database written with layout 1 (which also kept a global `leases` index) is migrated
+/// on open: the old index is dropped, layout 2 is recorded, and leases of every pool still
+/// expire, most overdue first, through the per-pool index alone.
+#[test]
+fn a_layout_1_database_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let clock = clock();
+    let (a, b) = (uuid(), uuid());
+    let (first, second) = {
+        let q = path_builder(&path, &clock).open().unwrap();
+        enqueue_new(&q, a, "a1");
+        enqueue_new(&q, b, "b1");
+        let first = reserve_one(&q, b).message.message_id;
+        clock.advance(secs(1));
+        let second = reserve_one(&q, a).message.message_id;
+        (first, second)
+    };
+    {
+        // Rewrite it as layout 1 would have left it.
+        let db = raw_sled(&path);
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[1u8])
+            .unwrap();
+        db.open_tree("leases")
+            .unwrap()
+            .insert([0u8; 16], [0u8; 32].to_vec())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let q = path_builder(&path, &clock).open().unwrap();
+        assert_clean(&q);
+        clock.advance(Duration::from_secs(3600));
+        let expired = q.expire_leases(10, None).unwrap();
+        let ids: Vec<Uuid> = expired.redelivered.iter().map(|m| m.message_id).collect();
+        assert_eq!(ids, vec![first, second], "most overdue first, across pools");
+        assert_clean(&q);
+    }
+    let db = raw_sled(&path);
+    let names: Vec<Vec<u8>> = db.tree_names().iter().map(|n| n.to_vec()).collect();
+    assert!(!names.contains(&b"leases".to_vec()), "{names:?}");
+    assert_eq!(
+        db.open_tree("meta")
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .as_deref(),
+        Some(&[2u8][..])
+    );
+}
+
+/// Any other layout byte is refused with a typed error naming the tree and key.
+#[test]
+fn an_unknown_layout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    drop(Queue::open(&path).unwrap());
+    {
+        let db = raw_sled(&path);
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[9u8])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let e = Queue::open(&path).unwrap_err();
+    assert!(matches!(e, cleanup_queue::Error::Corrupted { .. }), "{e:?}");
+    assert!(e.to_string().contains("unsupported database format"), "{e}");
+}
