@@ -9,11 +9,14 @@
 //!   ≥ 80 % of the matching rate).
 //! - `limits/sled_txn_width/{3,9}`: the same 3 writes in a transaction opened over 3 or over
 //!   9 trees (no flush): the per-transaction cost of the trees a write set does not touch.
+//! - `limits/sled_writes/{txn,plain}`: the same 3 writes as one transaction or as 3 plain
+//!   inserts, printing the CPU time of the whole process per operation (`[proc-cpu]`): what
+//!   sled's transactions cost beyond their writes (two log-buffer rolls each).
 //! - `limits/sled_batch_flush_fdatasync/{1,8,32}`: that many transactions share one
 //!   `flush()` + `fdatasync`: the ceiling for group commit with that many threads (goal:
 //!   8 threads ≥ 50k durable operations/s).
-//! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~4,000 writes of
-//!   `expire_leases(1000)` as one 4-tree transaction or as per-tree batches, then `flush()` +
+//! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~3,000 writes of
+//!   `expire_leases(1000)` as one 3-tree transaction or as per-tree batches, then `flush()` +
 //!   `fdatasync`: the ceiling for the expiry goal (≤ 5 ms).
 //! - `limits/fdatasync_4k`: `pwrite` of 4 KiB into a preallocated file + `fdatasync`: what
 //!   the disk gives one synchronous writer.
@@ -90,6 +93,22 @@ impl RawSled {
         r.expect("sled transaction");
     }
 
+    /// The writes of [`RawSled::txn`] as three plain (individually atomic) inserts.
+    fn plain(&mut self) {
+        let i = self.next;
+        self.next += 1;
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+        key[24..].copy_from_slice(&i.to_be_bytes());
+        let mut index = [0u8; 57];
+        index[..16].copy_from_slice(&key[..16]);
+        index[41..49].copy_from_slice(&i.to_be_bytes());
+        let [a, b, c] = &self.trees;
+        a.insert(&key[..], self.record.as_slice()).expect("insert");
+        b.insert(&index[..], &key[16..]).expect("insert");
+        c.insert(b"seq", &i.to_be_bytes()).expect("insert");
+    }
+
     fn flush(&self) {
         self.db.flush().expect("flush");
     }
@@ -160,6 +179,42 @@ fn sled_txn_width(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same 3 writes as `limits/sled_txn/none`, as one transaction or as 3 plain inserts
+/// (no flush). Prints the CPU time of the whole process per operation: sled rolls its log
+/// buffer before and after every transaction (`PageCache::pin_log`), and each roll is a
+/// `pwrite` + `sync_file_range` on its IO threads, which the measuring thread does not see.
+fn sled_writes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits/sled_writes");
+    g.throughput(Throughput::Elements(1));
+    for how in ["txn", "plain"] {
+        let mut raw = RawSled::open();
+        let (mut ops, mut process_ns) = (0u64, 0u64);
+        g.bench_function(how, |b| {
+            b.iter_custom(|iters| {
+                let (p0, t0) = (common::process_cpu_ns(), Instant::now());
+                for _ in 0..iters {
+                    if how == "txn" {
+                        raw.txn();
+                    } else {
+                        raw.plain();
+                    }
+                }
+                let wall = t0.elapsed();
+                ops += iters;
+                process_ns += common::process_cpu_ns().saturating_sub(p0);
+                wall
+            })
+        });
+        if let Some(per) = process_ns.checked_div(ops) {
+            eprintln!(
+                "[proc-cpu] limits/sled_writes/{how}: {:.1?}/op of CPU over all threads (n={ops})",
+                Duration::from_nanos(per)
+            );
+        }
+    }
+    g.finish();
+}
+
 fn sled_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("limits/sled_batch_flush_fdatasync");
     for batch in [1u64, 8, 32] {
@@ -178,8 +233,8 @@ fn sled_batch(c: &mut Criterion) {
     g.finish();
 }
 
-/// The writes of `expire_leases(1000)`: per lease a record put, two lease-index deletes and
-/// a visible-index put, over 4 trees; either as one sled transaction or as one
+/// The writes of `expire_leases(1000)`: per lease a record put, a lease-index delete and a
+/// visible-index put, over 3 trees; either as one sled transaction or as one
 /// `apply_batch` per tree (atomic per tree only), then `flush()` + `fdatasync`.
 fn sled_bulk(c: &mut Criterion) {
     const LEASES: u64 = 1_000;
@@ -209,7 +264,6 @@ fn sled_bulk(c: &mut Criterion) {
                                 a.insert(key(i, 32), raw.record.as_slice())?;
                                 bt.insert(key(i, 57), &[1u8; 16][..])?;
                                 t3.remove(key(i, 48))?;
-                                t3.remove(key(i, 16))?;
                             }
                             Ok(())
                         });
@@ -220,7 +274,6 @@ fn sled_bulk(c: &mut Criterion) {
                         sled::Batch::insert(&mut ba, key(i, 32), raw.record.as_slice());
                         sled::Batch::insert(&mut bb, key(i, 57), &[1u8; 16][..]);
                         sled::Batch::remove(&mut bd, key(i, 48));
-                        sled::Batch::remove(&mut bd, key(i, 16));
                     }
                     a.apply_batch(ba).expect("batch");
                     bt.apply_batch(bb).expect("batch");
@@ -355,6 +408,6 @@ fn load(_: &mut Criterion) {
 criterion_group! {
     name = limits;
     config = common::config();
-    targets = load, sled_txn, sled_txn_width, sled_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
+    targets = load, sled_txn, sled_txn_width, sled_writes, sled_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
 }
 criterion_main!(limits);

@@ -245,6 +245,21 @@ pub fn thread_sched_ns() -> (u64, u64) {
     (f.next().unwrap_or(0), f.next().unwrap_or(0))
 }
 
+/// CPU time of the whole process (every thread, the storage library's IO threads too) in
+/// nanoseconds, from `/proc/self/stat` (`utime + stime`, 10 ms ticks: use over many
+/// operations).
+pub fn process_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks * 10_000_000
+}
+
 /// Accumulates on-CPU and run-queue time of the measured thread over many operations.
 #[derive(Default)]
 pub struct CpuAccount {
