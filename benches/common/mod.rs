@@ -116,8 +116,16 @@ pub fn db_path(dir: &Path) -> PathBuf {
 
 /// A builder at `path` with the production defaults except durability (and no sweeper when
 /// a manual clock drives the test).
+/// `CLEANUP_QUEUE_BENCH_CACHE_MIB` overrides the page cache size (default: the engine's).
 pub fn builder(path: &Path, durability: Durability) -> QueueBuilder {
-    Queue::builder(path).durability(durability)
+    let q = Queue::builder(path).durability(durability);
+    match std::env::var("CLEANUP_QUEUE_BENCH_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(mib) => q.cache_capacity(mib << 20),
+        None => q,
+    }
 }
 
 pub fn open(path: &Path, durability: Durability) -> Queue {
