@@ -10,8 +10,10 @@
 //!
 //! Reads take no lock; they wait for the durability of whatever they observed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::iter::Peekable;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -508,15 +510,26 @@ pub(crate) struct Writer {
     pub(crate) metrics_written: Instant,
 }
 
-/// The writer lock, counted (see `Inner::gather`).
+/// The writer lock, counted (see `Inner::gather`). Fields drop in order: the lock is
+/// released before the count goes down.
 pub(crate) struct WriterGuard<'a> {
     guard: MutexGuard<'a, Writer>,
-    writers: &'a AtomicUsize,
+    _counted: Counted<'a>,
 }
 
-impl Drop for WriterGuard<'_> {
+/// One thread holding or queued for the writer lock.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(writers: &'a AtomicUsize) -> Counted<'a> {
+        writers.fetch_add(1, Ordering::SeqCst);
+        Counted(writers)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.writers.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -763,10 +776,11 @@ type IndexIter = Peekable<Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec
 impl Inner {
     /// The writer lock. Holders (and threads queued for it) are counted in `writers`.
     pub(crate) fn lock_writer(&self) -> WriterGuard<'_> {
-        self.writers.fetch_add(1, Ordering::SeqCst);
+        // Counted before waiting for the lock, uncounted by `Drop` even on unwinding.
+        let counted = Counted::new(&self.writers);
         WriterGuard {
             guard: self.writer.lock().unwrap_or_else(|p| p.into_inner()),
-            writers: &self.writers,
+            _counted: counted,
         }
     }
 
@@ -777,9 +791,9 @@ impl Inner {
     /// wait is bounded by `GATHER_MAX`.
     fn gather(&self) {
         let started = Instant::now();
+        // Never blocks on the lock itself (a long holder, such as an export, must not hold a
+        // committed caller past the bound): yields to the writers until none is left.
         while self.writers.load(Ordering::SeqCst) > 0 && started.elapsed() < GATHER_MAX {
-            // Not counted as a writer: taking and dropping the lock waits for its holder.
-            drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()));
             std::thread::yield_now();
         }
     }
@@ -1128,7 +1142,8 @@ impl Inner {
     }
 
     /// The expiry transition for up to `limit` due leases, most overdue first, into `txn`.
-    /// When nothing is due this is a single index seek.
+    /// For one pool, when nothing is due, this is a single index seek; across pools, one
+    /// seek per pool that holds leases.
     fn expire_into(
         &self,
         txn: &mut Txn<'_>,
@@ -1141,24 +1156,38 @@ impl Inner {
         match pool {
             Some(p) => self.due_leases(p, now, limit, &mut due)?,
             None => {
-                // One seek per pool that holds leases (its first key is its most overdue
-                // lease), then the most overdue `limit` of all the pools' due leases.
+                // A merge of the pools' due leases by position: one seek per pool that holds
+                // leases finds its most overdue one (its first key), then every lease taken
+                // costs one seek for the next of its pool. O((p + k) log n) for p pools.
+                let mut heads = BinaryHeap::new();
                 let mut from = Vec::new();
                 while let Some(item) = self.store.range(TreeId::LeasesByPool, from..).next() {
-                    let (k, _) = item?;
+                    let (k, v) = item?;
                     let p = keys::uuid_at(&k, 0).ok_or_else(|| {
                         Error::corrupted("leases_by_pool", &k, "key is not a pool, lease and seq")
                     })?;
-                    if k.as_ref() <= keys::lease_by_pool_due_bound(p, now).as_slice() {
-                        self.due_leases(p, now, limit, &mut due)?;
+                    let hi = keys::lease_by_pool_due_bound(p, now).to_vec();
+                    if k.as_ref() <= hi.as_slice() {
+                        heads.push(Reverse((keys::lease_position(&k).to_vec(), p, k, v, hi)));
                     }
                     match keys::next_pool(p) {
                         Some(next) => from = next.to_vec(),
                         None => break,
                     }
                 }
-                due.sort_by(|a, b| keys::lease_position(&a.2).cmp(keys::lease_position(&b.2)));
-                due.truncate(limit);
+                while due.len() < limit {
+                    let Some(Reverse((_, p, k, v, hi))) = heads.pop() else {
+                        break;
+                    };
+                    let id = codec::decode_id(&v)
+                        .map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
+                    let after = (Bound::Excluded(k.to_vec()), Bound::Included(hi.clone()));
+                    if let Some(item) = self.store.range(TreeId::LeasesByPool, after).next() {
+                        let (nk, nv) = item?;
+                        heads.push(Reverse((keys::lease_position(&nk).to_vec(), p, nk, nv, hi)));
+                    }
+                    due.push((p, id, k));
+                }
             }
         }
         let mut result = LeaseExpiryResult::default();

@@ -42,10 +42,12 @@ pub enum Durability {
 /// ([`Queue::commit_stats`](crate::Queue::commit_stats)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Transactions applied (every mutating step; a rejected operation writes none).
+    /// Atomic write steps applied: one per mutating step (a rejected operation writes none),
+    /// whether a sled transaction or a one-key write, the layout write of a new database
+    /// included.
     pub transactions: u64,
-    /// Durability flushes (`Flush` and `Fsync` modes; always 0 in `Buffered` mode, where the
-    /// storage library flushes in the background).
+    /// Durability flushes attempted (`Flush` and `Fsync` modes; always 0 in `Buffered` mode,
+    /// where the storage library flushes in the background).
     pub flushes: u64,
 }
 

@@ -503,3 +503,28 @@ fn expiry_across_pools_is_most_overdue_first_and_respects_the_limit() {
     }
     assert_eq!(got, order);
 }
+
+/// Leases that expire at the same instant in different pools are taken in the order they
+/// were granted (the engine-wide sequence breaks the tie), across pools as within one.
+#[test]
+fn expiry_ties_across_pools_break_in_reservation_order() {
+    let (q, clock) = queue();
+    let pools = uuids(4);
+    let mut order = Vec::new();
+    for p in &pools {
+        enqueue_new(&q, *p, "first");
+        enqueue_new(&q, *p, "second");
+    }
+    // All at one instant: equal lease_expires_at everywhere.
+    for p in pools.iter().rev().chain(pools.iter()) {
+        order.push(reserve_one(&q, *p).message.message_id);
+    }
+    clock.advance(Duration::from_secs(3600));
+    let mut got = Vec::new();
+    for _ in 0..order.len() {
+        let r = q.expire_leases(1, None).unwrap();
+        got.extend(r.redelivered.iter().map(|m| m.message_id));
+    }
+    assert_eq!(got, order);
+    assert!(q.expire_leases(1, None).unwrap().is_empty());
+}
