@@ -24,3 +24,6 @@ VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" maturin develop --release --manifest-
 echo "== pytest"
 # pytest exits non-zero on any failure, and with 5 when it collected no test.
 "$venv/bin/python" -m pytest -p no:cacheprovider -v tests
+
+echo "== Prefect's standard suite again, buffered durability (calls run inline on the event loop)"
+CLEANUP_QUEUE_DURABILITY=buffered:50 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_standard_suite.py

@@ -150,7 +150,11 @@ class Backend:
             return "AOF, fsync every second"
         if self.name == "redis-prefix":
             return "none (appendonly no, no RDB)"
-        return "fsync before each call returns"
+        mode = os.environ.get("CLEANUP_QUEUE_DURABILITY") or "fsync"
+        return {
+            "fsync": "fsync before each call returns",
+            "flush": "log flushed to the OS before each call returns",
+        }.get(mode, f"{mode} (background flush; calls run inline on the loop)")
 
 
 def _redis_default_prefix() -> str:

@@ -151,9 +151,15 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         self.engine: Engine = open_engine()
 
     async def _call(self, fn: Callable[..., _M], *args: Any) -> _M:
-        """Runs ``fn(*args)`` in a worker thread after pushing the current policy."""
+        """Runs ``fn(*args)`` after pushing the current policy: in a worker thread when the
+        call waits for a flush (``fsync``, ``flush``), inline on the event loop when it
+        cannot (``buffered:<ms>``: CPU work only, and a thread hop would cost more than the
+        call itself, like Prefect's in-memory backend, which also works on the loop)."""
         policy = _policy()  # read here: settings live in the caller's context
         engine = self.engine
+        if engine.returns_at_once:
+            engine.set_policy(*policy)
+            return fn(*args)
 
         def run() -> _M:
             engine.set_policy(*policy)

@@ -122,6 +122,7 @@ fn micros(us: i64) -> Duration {
 struct Engine {
     queue: Queue,
     clock: Option<ManualClock>,
+    returns_at_once: bool,
 }
 
 impl Engine {
@@ -175,7 +176,18 @@ impl Engine {
             builder = builder.clock(c.clone());
         }
         let queue = py.detach(|| builder.open()).map_err(to_py)?;
-        Ok(Engine { queue, clock })
+        Ok(Engine {
+            queue,
+            clock,
+            returns_at_once: matches!(durability, Durability::Buffered { .. }),
+        })
+    }
+
+    /// Whether calls return without waiting for a flush (`buffered:<ms>`): then a call is
+    /// only CPU work of tens of microseconds and may run on the event loop's thread.
+    #[getter]
+    fn returns_at_once(&self) -> bool {
+        self.returns_at_once
     }
 
     /// The database directory.

@@ -365,3 +365,49 @@ async def test_durability_comes_from_the_environment(
         monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", bad)
         with pytest.raises(ValueError, match="durability must be"):
             WorkerCleanupQueue()
+
+
+async def test_buffered_calls_run_on_the_loop_and_durable_ones_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With buffered durability a call never waits for a flush, so the plug-in makes no
+    # thread hop; with fsync (the default) every call leaves the loop.
+    class NoThreads:
+        used = 0
+
+        def submit(self, *args: object, **kwargs: object) -> None:
+            NoThreads.used += 1
+            raise AssertionError("no worker thread expected")
+
+    monkeypatch.setattr(plugin, "_OPERATIONS", NoThreads())
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "buffered"))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "buffered:200")
+    q = WorkerCleanupQueue()
+    assert q.engine.returns_at_once
+    pool, message_id = uuid4(), uuid4()
+    await q.enqueue(
+        message_id=message_id,
+        idempotency_key="k",
+        work_pool_id=pool,
+        kind=CANCELLING_TIMEOUT_TEARDOWN,
+        target={"flow_run_id": "1"},
+    )
+    reservation = await q.reserve(work_pool_id=pool)
+    assert reservation is not None and reservation.message_id == message_id
+    ack = await q.ack(
+        work_pool_id=pool,
+        message_id=message_id,
+        reservation_token=reservation.reservation_token,
+    )
+    assert ack.status == "accepted"
+    assert NoThreads.used == 0
+    plugin._forget_engine(tmp_path / "buffered")
+
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    durable = WorkerCleanupQueue()
+    assert not durable.engine.returns_at_once
+    with pytest.raises(AssertionError, match="no worker thread expected"):
+        await durable.reserve(work_pool_id=pool)
+    assert NoThreads.used == 1
+    plugin._forget_engine(tmp_path / "fsync")
