@@ -72,8 +72,8 @@ impl RawSled {
         }
     }
 
-    /// One 3-tree transaction with engine-sized keys and values.
-    fn txn(&mut self) {
+    /// The next operation's number, record key and index key (engine-sized).
+    fn next_keys(&mut self) -> (u64, [u8; 32], [u8; 57]) {
         let i = self.next;
         self.next += 1;
         let mut key = [0u8; 32];
@@ -82,6 +82,12 @@ impl RawSled {
         let mut index = [0u8; 57];
         index[..16].copy_from_slice(&key[..16]);
         index[41..49].copy_from_slice(&i.to_be_bytes());
+        (i, key, index)
+    }
+
+    /// One 3-tree transaction with engine-sized keys and values.
+    fn txn(&mut self) {
+        let (i, key, index) = self.next_keys();
         let (a, b, c) = (&self.trees[0], &self.trees[1], &self.trees[2]);
         let record = &self.record;
         let r: Result<(), TransactionError<()>> = (a, b, c).transaction(|(a, b, c)| {
@@ -95,14 +101,7 @@ impl RawSled {
 
     /// The writes of [`RawSled::txn`] as three plain (individually atomic) inserts.
     fn plain(&mut self) {
-        let i = self.next;
-        self.next += 1;
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
-        key[24..].copy_from_slice(&i.to_be_bytes());
-        let mut index = [0u8; 57];
-        index[..16].copy_from_slice(&key[..16]);
-        index[41..49].copy_from_slice(&i.to_be_bytes());
+        let (i, key, index) = self.next_keys();
         let [a, b, c] = &self.trees;
         a.insert(&key[..], self.record.as_slice()).expect("insert");
         b.insert(&index[..], &key[16..]).expect("insert");
