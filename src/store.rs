@@ -346,6 +346,14 @@ impl Store {
         }
     }
 
+    /// Whether transaction `ticket` is already as durable as the mode promises (no waiting).
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        match self.durability {
+            Durability::Buffered { .. } => true,
+            _ => lock(&self.flush).durable >= ticket,
+        }
+    }
+
     /// The failure of an earlier flush, if any.
     pub fn failure(&self) -> Option<String> {
         lock(&self.flush).failed.clone()

@@ -134,6 +134,25 @@ impl Engine {
 }
 
 /// `fsync`, `flush` or `buffered:<milliseconds>`.
+/// A reserve filter from Prefect's arguments; unknown kinds match nothing (dropped).
+fn reserve_filter(
+    cleanup_kinds: Option<Vec<String>>,
+    preferred_work_queue_ids: Option<Vec<String>>,
+    allow_fallback_to_any_queue: bool,
+) -> PyResult<ReserveFilter> {
+    Ok(ReserveFilter {
+        cleanup_kinds: cleanup_kinds.map(|ks| {
+            ks.iter()
+                .filter_map(|k| CleanupKind::from_str(k).ok())
+                .collect()
+        }),
+        preferred_work_queue_ids: preferred_work_queue_ids
+            .map(|qs| qs.iter().map(|q| uuid(q)).collect::<PyResult<Vec<_>>>())
+            .transpose()?,
+        allow_fallback_to_any_queue,
+    })
+}
+
 fn parse_durability(text: &str) -> PyResult<Durability> {
     let bad = || {
         PyValueError::new_err(format!(
@@ -263,17 +282,11 @@ impl Engine {
         allow_fallback_to_any_queue: bool,
     ) -> PyResult<(Option<String>, Option<String>, Vec<String>)> {
         let pool = uuid(work_pool_id)?;
-        let filter = ReserveFilter {
-            cleanup_kinds: cleanup_kinds.map(|ks| {
-                ks.iter()
-                    .filter_map(|k| CleanupKind::from_str(k).ok())
-                    .collect()
-            }),
-            preferred_work_queue_ids: preferred_work_queue_ids
-                .map(|qs| qs.iter().map(|q| uuid(q)).collect::<PyResult<Vec<_>>>())
-                .transpose()?,
+        let filter = reserve_filter(
+            cleanup_kinds,
+            preferred_work_queue_ids,
             allow_fallback_to_any_queue,
-        };
+        )?;
         let done = py
             .detach(|| self.queue.reserve_detailed(pool, &filter))
             .map_err(to_py)?;
@@ -287,6 +300,28 @@ impl Engine {
                 .map(|d| dead_letter(d).to_string())
                 .collect(),
         ))
+    }
+
+    /// Whether `reserve` with these arguments would return nothing and change nothing right
+    /// now; never waits, and says `False` when it cannot tell without waiting. Cheap enough
+    /// to call on the event loop before deciding to leave it.
+    #[pyo3(signature = (work_pool_id, cleanup_kinds = None, preferred_work_queue_ids = None, allow_fallback_to_any_queue = true))]
+    fn reserve_finds_nothing(
+        &self,
+        py: Python<'_>,
+        work_pool_id: &str,
+        cleanup_kinds: Option<Vec<String>>,
+        preferred_work_queue_ids: Option<Vec<String>>,
+        allow_fallback_to_any_queue: bool,
+    ) -> PyResult<bool> {
+        let pool = uuid(work_pool_id)?;
+        let filter = reserve_filter(
+            cleanup_kinds,
+            preferred_work_queue_ids,
+            allow_fallback_to_any_queue,
+        )?;
+        py.detach(|| self.queue.reserve_finds_nothing(pool, &filter))
+            .map_err(to_py)
     }
 
     fn ack(

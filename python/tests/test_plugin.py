@@ -367,7 +367,7 @@ async def test_durability_comes_from_the_environment(
             WorkerCleanupQueue()
 
 
-async def test_buffered_calls_run_on_the_loop_and_durable_ones_in_a_worker_thread(
+async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_do_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With buffered durability a call never waits for a flush, so the plug-in makes no
@@ -407,7 +407,16 @@ async def test_buffered_calls_run_on_the_loop_and_durable_ones_in_a_worker_threa
     monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
     durable = WorkerCleanupQueue()
     assert not durable.engine.returns_at_once
+    # An empty reserve (nothing due, nothing visible) is answered on the loop all the same.
+    assert await durable.reserve(work_pool_id=pool) is None
+    assert NoThreads.used == 0
     with pytest.raises(AssertionError, match="no worker thread expected"):
-        await durable.reserve(work_pool_id=pool)
+        await durable.enqueue(
+            message_id=uuid4(),
+            idempotency_key="k2",
+            work_pool_id=pool,
+            kind=CANCELLING_TIMEOUT_TEARDOWN,
+            target={"flow_run_id": "2"},
+        )
     assert NoThreads.used == 1
     plugin._forget_engine(tmp_path / "fsync")

@@ -1250,10 +1250,24 @@ impl Harness {
                         .map(|qs| qs.iter().map(|q| queue_id(*q)).collect()),
                     allow_fallback_to_any_queue: *fallback,
                 };
+                // Every returned call waited for its flush, so the read-only check never
+                // has to hedge here: it must say "nothing" exactly when the reserve does
+                // nothing.
+                let nothing = self
+                    .q()
+                    .reserve_finds_nothing(pool(*p), &filter)
+                    .map_err(engine_failure)?;
                 let e = self
                     .q()
                     .reserve_detailed(pool(*p), &filter)
                     .map_err(engine_failure)?;
+                let did_nothing =
+                    e.reservation.is_none() && e.expired.is_empty() && e.dead_lettered.is_empty();
+                if nothing != did_nothing {
+                    return Err(format!(
+                        "reserve_finds_nothing said {nothing}, but the reserve did {e:?}"
+                    ));
+                }
                 let token = e.reservation.as_ref().map(|r| r.reservation_token.clone());
                 let mo = self.model.reserve(pool(*p), &filter, now, token);
                 let e_cmp = MReserved {
