@@ -13,6 +13,8 @@
 //! - `empty_reserve/{any,kind,queue_no_fallback}`: a reserve that finds nothing (nothing
 //!   visible, no lease due) in a pool with 100k acked tombstones and 10k dead letters, durable
 //!   (`Fsync`) mode: the dispatcher's most frequent call. Goal: ≤ 5 µs.
+//!   `empty_reserve/finds_nothing_check`: `Queue::reserve_finds_nothing` on the same pool
+//!   (the lock-free check the Prefect plug-in makes before leaving the event loop).
 //! - `empty_expire_leases/100`: the reconciler's `expire_leases(100, None)` when nothing is
 //!   due, same database.
 //! - `expire_leases/1000`: 1,000 due leases expired by one `expire_leases(1000, None)` call,
@@ -217,6 +219,7 @@ fn empty_reserve(c: &mut Criterion) {
         "empty_reserve/any",
         "empty_reserve/kind",
         "empty_reserve/queue_no_fallback",
+        "empty_reserve/finds_nothing_check",
         "empty_expire_leases/100",
     ]) {
         return;
@@ -238,6 +241,14 @@ fn empty_reserve(c: &mut Criterion) {
             b.iter(|| assert!(q.reserve(pool, &filter).expect("reserve").is_none()))
         });
     }
+    // The lock-free check a caller can make first (the Prefect plug-in does).
+    g.bench_function("finds_nothing_check", |b| {
+        b.iter(|| {
+            assert!(q
+                .reserve_finds_nothing(pool, &ReserveFilter::any())
+                .expect("check"))
+        })
+    });
     g.finish();
     let mut g = c.benchmark_group("empty_expire_leases");
     g.bench_function("100", |b| {
