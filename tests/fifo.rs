@@ -528,3 +528,21 @@ fn expiry_ties_across_pools_break_in_reservation_order() {
     assert_eq!(got, order);
     assert!(q.expire_leases(1, None).unwrap().is_empty());
 }
+
+/// The pools at both ends of the id space (all zero, all 0xff bytes) take part in expiry
+/// across pools like any other: the skip from one pool to the next ends after the last.
+#[test]
+fn expiry_across_pools_reaches_the_first_and_the_last_pool_id() {
+    let (q, clock) = queue();
+    let (low, high) = (Uuid::from_u128(0), Uuid::from_u128(u128::MAX));
+    enqueue_new(&q, high, "h");
+    let first = reserve_one(&q, high).message.message_id;
+    clock.advance(secs(1));
+    enqueue_new(&q, low, "l");
+    let second = reserve_one(&q, low).message.message_id;
+    clock.advance(Duration::from_secs(3600));
+    let r = q.expire_leases(10, None).unwrap();
+    let got: Vec<Uuid> = r.redelivered.iter().map(|m| m.message_id).collect();
+    assert_eq!(got, vec![first, second]);
+    assert!(q.expire_leases(10, None).unwrap().is_empty());
+}

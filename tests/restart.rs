@@ -433,6 +433,43 @@ fn a_layout_1_database_is_migrated_on_open() {
     );
 }
 
+/// A crash between the two steps of the migration (old index dropped, layout 2 not yet
+/// written) leaves layout 1 without the old index: the next open finishes the migration.
+#[test]
+fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let clock = clock();
+    let pool = uuid();
+    let id = {
+        let q = path_builder(&path, &clock).open().unwrap();
+        enqueue_new(&q, pool, "k")
+    };
+    {
+        let db = raw_sled(&path);
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[1u8])
+            .unwrap();
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"leases"));
+        db.flush().unwrap();
+    }
+    {
+        let q = path_builder(&path, &clock).open().unwrap();
+        assert_clean(&q);
+        assert!(q.read_message(pool, id).unwrap().is_some());
+    }
+    let db = raw_sled(&path);
+    assert_eq!(
+        db.open_tree("meta")
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .as_deref(),
+        Some(&[2u8][..])
+    );
+}
+
 /// Any other layout byte is refused with a typed error naming the tree and key.
 #[test]
 fn an_unknown_layout_is_refused() {
