@@ -1210,6 +1210,15 @@ impl Inner {
                 // A merge of the pools' due leases by position: one seek per pool that holds
                 // leases finds its most overdue one (its first key), then every lease taken
                 // costs one seek for the next of its pool. O((p + k) log n) for p pools.
+                let head = |p: Uuid, k: sled::IVec, v: sled::IVec, hi: Vec<u8>| {
+                    Reverse((
+                        keys::fifo_suffix(&k).unwrap_or_default().to_vec(),
+                        p,
+                        k,
+                        v,
+                        hi,
+                    ))
+                };
                 let mut heads = BinaryHeap::new();
                 let mut from = Vec::new();
                 while let Some(item) = self.store.range(TreeId::LeasesByPool, from..).next() {
@@ -1219,7 +1228,7 @@ impl Inner {
                     })?;
                     let hi = keys::lease_by_pool_due_bound(p, now).to_vec();
                     if k.as_ref() <= hi.as_slice() {
-                        heads.push(Reverse((keys::lease_position(&k).to_vec(), p, k, v, hi)));
+                        heads.push(head(p, k, v, hi));
                     }
                     match keys::next_pool(p) {
                         Some(next) => from = next.to_vec(),
@@ -1235,7 +1244,7 @@ impl Inner {
                     let after = (Bound::Excluded(k.to_vec()), Bound::Included(hi.clone()));
                     if let Some(item) = self.store.range(TreeId::LeasesByPool, after).next() {
                         let (nk, nv) = item?;
-                        heads.push(Reverse((keys::lease_position(&nk).to_vec(), p, nk, nv, hi)));
+                        heads.push(head(p, nk, nv, hi));
                     }
                     due.push((p, id, k));
                 }

@@ -137,7 +137,8 @@ pub(crate) fn wakeup(pool: Uuid) -> [u8; 16] {
     *pool.as_bytes()
 }
 
-/// The FIFO position at the end of every visible-index key: `visible_at(8) seq(8)`.
+/// The position at the end of every visible-index key (`visible_at(8) seq(8)`, FIFO order)
+/// and of every `leases_by_pool` key (`lease_expires_at(8) seq(8)`, most overdue first).
 pub(crate) fn fifo_suffix(key: &[u8]) -> Option<&[u8]> {
     key.len().checked_sub(16).map(|at| &key[at..])
 }
@@ -150,11 +151,6 @@ pub(crate) fn lease_by_pool_due_bound(pool: Uuid, now: Timestamp) -> [u8; 32] {
 /// The first key of the pool after `pool` in any pool-prefixed tree (`None` after the last).
 pub(crate) fn next_pool(pool: Uuid) -> Option<[u8; 16]> {
     pool.as_u128().checked_add(1).map(u128::to_be_bytes)
-}
-
-/// The FIFO position of a `leases_by_pool` key: `lease_expires_at(8) seq(8)`.
-pub(crate) fn lease_position(key: &[u8]) -> &[u8] {
-    key.get(16..).unwrap_or(key)
 }
 
 /// The greatest `tombstones` key completed at or before `t` (inclusive upper bound).

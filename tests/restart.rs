@@ -380,6 +380,27 @@ fn raw_sled(path: &Path) -> sled::Db {
     }
 }
 
+/// Writes layout byte `byte` into the database at `path` directly, lets `then` change more,
+/// and flushes.
+fn set_layout(path: &Path, byte: u8, then: impl FnOnce(&sled::Db)) {
+    let db = raw_sled(path);
+    db.open_tree("meta")
+        .unwrap()
+        .insert("format", &[byte])
+        .unwrap();
+    then(&db);
+    db.flush().unwrap();
+}
+
+/// The layout byte(s) a database records.
+fn stored_layout(db: &sled::Db) -> Option<Vec<u8>> {
+    db.open_tree("meta")
+        .unwrap()
+        .get("format")
+        .unwrap()
+        .map(|v| v.to_vec())
+}
+
 /// A database written with layout 1 (which also kept a global `leases` index) is migrated
 /// on open: the old index is dropped, layout 2 is recorded, and leases of every pool still
 /// expire, most overdue first, through the per-pool index alone.
@@ -398,19 +419,13 @@ fn a_layout_1_database_is_migrated_on_open() {
         let second = reserve_one(&q, a).message.message_id;
         (first, second)
     };
-    {
-        // Rewrite it as layout 1 would have left it.
-        let db = raw_sled(&path);
-        db.open_tree("meta")
-            .unwrap()
-            .insert("format", &[1u8])
-            .unwrap();
+    // Rewrite it as layout 1 would have left it.
+    set_layout(&path, 1, |db| {
         db.open_tree("leases")
             .unwrap()
             .insert([0u8; 16], [0u8; 32].to_vec())
             .unwrap();
-        db.flush().unwrap();
-    }
+    });
     {
         let q = path_builder(&path, &clock).open().unwrap();
         assert_clean(&q);
@@ -423,14 +438,7 @@ fn a_layout_1_database_is_migrated_on_open() {
     let db = raw_sled(&path);
     let names: Vec<Vec<u8>> = db.tree_names().iter().map(|n| n.to_vec()).collect();
     assert!(!names.contains(&b"leases".to_vec()), "{names:?}");
-    assert_eq!(
-        db.open_tree("meta")
-            .unwrap()
-            .get("format")
-            .unwrap()
-            .as_deref(),
-        Some(&[2u8][..])
-    );
+    assert_eq!(stored_layout(&db), Some(vec![2u8]));
 }
 
 /// A crash between the two steps of the migration (old index dropped, layout 2 not yet
@@ -445,29 +453,16 @@ fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_ope
         let q = path_builder(&path, &clock).open().unwrap();
         enqueue_new(&q, pool, "k")
     };
-    {
-        let db = raw_sled(&path);
-        db.open_tree("meta")
-            .unwrap()
-            .insert("format", &[1u8])
-            .unwrap();
+    set_layout(&path, 1, |db| {
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"leases"));
-        db.flush().unwrap();
-    }
+    });
     {
         let q = path_builder(&path, &clock).open().unwrap();
         assert_clean(&q);
         assert!(q.read_message(pool, id).unwrap().is_some());
     }
     let db = raw_sled(&path);
-    assert_eq!(
-        db.open_tree("meta")
-            .unwrap()
-            .get("format")
-            .unwrap()
-            .as_deref(),
-        Some(&[2u8][..])
-    );
+    assert_eq!(stored_layout(&db), Some(vec![2u8]));
 }
 
 /// Any other layout byte is refused with a typed error naming the tree and key.
@@ -476,14 +471,7 @@ fn an_unknown_layout_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     drop(Queue::open(&path).unwrap());
-    {
-        let db = raw_sled(&path);
-        db.open_tree("meta")
-            .unwrap()
-            .insert("format", &[9u8])
-            .unwrap();
-        db.flush().unwrap();
-    }
+    set_layout(&path, 9, |_| {});
     let e = Queue::open(&path).unwrap_err();
     assert!(matches!(e, cleanup_queue::Error::Corrupted { .. }), "{e:?}");
     assert!(e.to_string().contains("unsupported database format"), "{e}");
