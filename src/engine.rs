@@ -408,7 +408,7 @@ impl Queue {
         // writer's flush and its publish; once durable it may be published by anyone, so
         // a reader never sees a sequence older than the state it can read.
         let stored = inner.stored_wakeup(work_pool_id)?;
-        inner.store.wait_durable(inner.store.applied_ticket())?;
+        inner.store.wait_durable(inner.store.last_ticket())?;
         inner.wakeups.publish(work_pool_id, stored, || Ok(stored))?;
         inner
             .wakeups
@@ -657,7 +657,7 @@ impl<'a> Txn<'a> {
             // Nothing to write: the counts wait in memory for a later transaction.
             self.writer.add_counts(self.counts, false);
             return Ok(Committed {
-                ticket: self.store.applied_ticket(),
+                ticket: self.store.last_ticket(),
                 wakes: Vec::new(),
             });
         }
@@ -683,7 +683,7 @@ impl<'a> Txn<'a> {
                     .put(TreeId::Metrics, keys::metric(&c), codec::encode_u64(v));
             }
         }
-        let ticket = self.store.commit(&self.ws)?;
+        let ticket = self.store.commit(std::mem::take(&mut self.ws))?;
         self.writer.add_counts(self.counts, write_metrics);
         self.writer.next_seq = self.next_seq;
         self.writer.seq_limit = seq_limit;
@@ -741,13 +741,15 @@ impl Drop for Inner {
     /// A clean close writes the counters still only in memory.
     fn drop(&mut self) {
         let writer = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
-        if writer.dirty.is_empty() || self.store.failure().is_some() {
+        if self.store.failure().is_some() {
             return;
         }
-        let ws = writer.dirty_metrics();
-        if let Ok(ticket) = self.store.commit(&ws) {
-            let _ = self.store.wait_durable(ticket);
+        if !writer.dirty.is_empty() {
+            let _ = self.store.commit(writer.dirty_metrics());
         }
+        // Also applies anything still staged (every caller waits for its own commit, so
+        // normally nothing is).
+        let _ = self.store.wait_durable(self.store.last_ticket());
     }
 }
 
@@ -844,16 +846,21 @@ impl Inner {
         }
     }
 
-    /// Group commit, before a flush leader flushes: writers holding or queued for the lock
-    /// commit within tens of microseconds and would each need a flush of their own (sled
-    /// does not let commits proceed much while it flushes). Letting them pass first makes
-    /// one flush cover them all. A lone caller finds no writer and flushes at once; the
-    /// wait is bounded by `GATHER_MAX`.
+    /// Group commit, before a flush leader takes its batch: staging an operation costs tens
+    /// of microseconds, a flush round hundreds, so waiting briefly for concurrent writers to
+    /// stage lets one round cover them all. The leader yields while a writer holds or
+    /// queues for the writer lock, and while fewer transactions are staged than the last
+    /// round took (the callers that round released usually come straight back; on a small
+    /// machine they are still waiting for a CPU). A lone caller finds neither and flushes at
+    /// once; the wait is bounded by `GATHER_MAX` and never blocks on the lock itself (a long
+    /// holder, such as an export, must not hold committed callers past the bound).
     fn gather(&self) {
         let started = Instant::now();
-        // Never blocks on the lock itself (a long holder, such as an export, must not hold a
-        // committed caller past the bound): yields to the writers until none is left.
-        while self.writers.load(Ordering::SeqCst) > 0 && started.elapsed() < GATHER_MAX {
+        while started.elapsed() < GATHER_MAX {
+            let (staged, last) = self.store.staging_counts();
+            if self.writers.load(Ordering::SeqCst) == 0 && staged >= last {
+                break;
+            }
             std::thread::yield_now();
         }
     }
@@ -892,10 +899,8 @@ impl Inner {
 
     /// After the writer lock is released: durability, then wakeups.
     pub(crate) fn finish(&self, c: Committed) -> Result<()> {
-        if self.store.would_lead(c.ticket) {
-            self.gather();
-        }
-        self.store.wait_durable(c.ticket)?;
+        self.store
+            .wait_durable_gathering(c.ticket, || self.gather())?;
         for (pool, v) in c.wakes {
             self.wakeups.publish(pool, v, || self.stored_wakeup(pool))?;
         }
@@ -1127,7 +1132,7 @@ impl Inner {
         // An absence read from state that a crash could still take back is no answer (an
         // ack not yet durable may have removed the last candidate): only when everything
         // applied so far is durable.
-        Ok(self.store.is_durable(self.store.applied_ticket()))
+        Ok(self.store.is_durable(self.store.last_ticket()))
     }
 
     fn lease_op(
@@ -1370,7 +1375,7 @@ impl Inner {
             Some(rec) => view(&rec).map_err(|d| corrupt_view(&rec, d))?,
             None => None,
         };
-        self.store.wait_durable(self.store.applied_ticket())?;
+        self.store.wait_durable(self.store.last_ticket())?;
         Ok(out)
     }
 }

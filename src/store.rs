@@ -1,16 +1,24 @@
-//! The only module that touches sled: opening the trees, reading, committing write sets as
-//! one multi-tree transaction, and group commit (many callers share one flush).
+//! The only module that touches sled: opening the trees, reading, committing write sets
+//! atomically, and group commit (many callers share one sled transaction and one flush).
 //!
+//! In `Buffered` mode a committed write set is applied to sled at once, as one sled
+//! transaction. In the durable modes it is *staged*: merged into an in-memory overlay that
+//! every read of this module consults before sled, so the next operation already sees it.
 //! Group commit works without a thread of its own: a caller whose write is not yet durable
-//! either becomes the flush leader (notes how many transactions are applied, flushes once,
-//! publishes that count as durable) or waits on a condvar for the leader in progress. A
-//! lone caller flushes exactly once; a crowd shares one flush per round.
+//! either becomes the flush leader, or waits on a condvar for the leader in progress. The
+//! leader applies everything staged so far as **one** sled transaction, flushes once, and
+//! publishes the last ticket it covered as durable. Meanwhile other callers keep staging,
+//! so a crowd shares one transaction and one flush per round, and a lone caller does
+//! exactly one of each. (A sled transaction costs about three times its writes, and sled
+//! holds transactions back while it flushes: `BENCHMARKS.md`.)
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::ops::RangeBounds;
+use std::iter::Peekable;
+use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sled::transaction::{TransactionError, Transactional};
@@ -42,10 +50,12 @@ pub enum Durability {
 /// ([`Queue::commit_stats`](crate::Queue::commit_stats)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Atomic write steps applied: one per mutating step (a rejected operation writes none),
-    /// whether a sled transaction or a one-key write, the layout write of a new database
-    /// included.
+    /// Atomic write steps committed: one per mutating step (a rejected operation writes
+    /// none), the layout write of a new database included.
     pub transactions: u64,
+    /// Storage commits that applied them: one per transaction in `Buffered` mode; in the
+    /// durable modes one per flush round, covering every transaction staged before it.
+    pub storage_commits: u64,
     /// Durability flushes attempted (`Flush` and `Fsync` modes; always 0 in `Buffered` mode,
     /// where the storage library flushes in the background).
     pub flushes: u64,
@@ -117,6 +127,122 @@ impl WriteSet {
     }
 }
 
+/// One write: tree, key, new value (`None`: delete).
+type Write<'a> = (TreeId, &'a [u8], Option<&'a [u8]>);
+/// A staged key and its new value (`None`: deleted).
+type Entry = (Vec<u8>, Option<Vec<u8>>);
+
+/// Per tree: key → new value (`None`: deleted). The last write of a key wins.
+#[derive(Default)]
+struct Overlay {
+    trees: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; TreeId::ALL.len()],
+    /// Keys held, over all trees.
+    len: usize,
+}
+
+impl Overlay {
+    fn insert(&mut self, tree: TreeId, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.trees[tree as usize].insert(key, value).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn writes(&self) -> Vec<Write<'_>> {
+        TreeId::ALL
+            .iter()
+            .flat_map(|t| {
+                self.trees[*t as usize]
+                    .iter()
+                    .map(move |(k, v)| (*t, k.as_slice(), v.as_deref()))
+            })
+            .collect()
+    }
+}
+
+/// Durable-mode write sets not yet applied to sled (see the module comment).
+#[derive(Default)]
+struct Staged {
+    /// Staged since the current leader took its batch.
+    current: Overlay,
+    /// The batch a flush leader is applying right now; reads consult it after `current`.
+    applying: Option<Arc<Overlay>>,
+}
+
+impl Staged {
+    /// The staged value of `key`: `Some(None)` when staged as deleted, `None` when not staged.
+    fn get(&self, tree: TreeId, key: &[u8]) -> Option<Option<&[u8]>> {
+        let t = tree as usize;
+        self.current.trees[t]
+            .get(key)
+            .or_else(|| self.applying.as_ref()?.trees[t].get(key))
+            .map(|v| v.as_deref())
+    }
+
+    /// Every staged entry of `tree` within `bounds`, in key order.
+    fn range(&self, tree: TreeId, bounds: &KeyBounds) -> Vec<Entry> {
+        let t = tree as usize;
+        let applying = self.applying.as_ref().map(|a| &a.trees[t]);
+        if self.current.trees[t].is_empty() && applying.is_none_or(BTreeMap::is_empty) {
+            return Vec::new();
+        }
+        let mut out: BTreeMap<&Vec<u8>, &Option<Vec<u8>>> = BTreeMap::new();
+        for map in applying.into_iter().chain([&self.current.trees[t]]) {
+            out.extend(map.range::<Vec<u8>, _>(bounds.clone()));
+        }
+        out.into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Entries of one tree in key order: sled's, overlaid by the staged ones taken when the
+/// iterator was made. (Sled may meanwhile apply exactly those staged entries; either way the
+/// staged value is the one seen.)
+pub(crate) struct Entries {
+    sled: Peekable<sled::Iter>,
+    staged: Peekable<std::vec::IntoIter<Entry>>,
+}
+
+impl Iterator for Entries {
+    type Item = Result<(sled::IVec, sled::IVec)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let staged_first = match (self.sled.peek(), self.staged.peek()) {
+                (_, None) | (Some(Err(_)), _) => false,
+                (None, Some(_)) => true,
+                (Some(Ok((k, _))), Some((sk, _))) => sk.as_slice() <= k.as_ref(),
+            };
+            if !staged_first {
+                return self.sled.next().map(|r| r.map_err(Error::from));
+            }
+            let (key, value) = self.staged.next()?;
+            if let Some(Ok((k, _))) = self.sled.peek() {
+                if k.as_ref() == key.as_slice() {
+                    self.sled.next();
+                }
+            }
+            if let Some(v) = value {
+                return Some(Ok((key.into(), v.into())));
+            }
+        }
+    }
+}
+
+/// The keys starting with `prefix`.
+fn prefix_bounds(prefix: &[u8]) -> KeyBounds {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return (Bound::Included(prefix.to_vec()), Bound::Excluded(end));
+        }
+    }
+    (Bound::Included(prefix.to_vec()), Bound::Unbounded)
+}
+
 struct FlushState {
     /// Every transaction with a ticket `<= durable` is on disk.
     durable: u64,
@@ -132,8 +258,17 @@ pub(crate) struct Store {
     durability: Durability,
     /// The data file, for `fdatasync` in `Fsync` mode.
     sync_file: Option<File>,
+    /// Whether commits are staged (the durable modes) rather than applied at once.
+    staging: bool,
+    staged: Mutex<Staged>,
     /// Tickets handed out: one per committed transaction, in commit order.
-    applied: AtomicU64,
+    issued: AtomicU64,
+    /// The last ticket a flush leader took into its batch (durable modes).
+    taken: AtomicU64,
+    /// How many transactions the last batch held.
+    last_batch: AtomicU64,
+    /// sled transactions (or one-key writes) done.
+    storage_commits: AtomicU64,
     /// Durability flushes done.
     flushes: AtomicU64,
     flush: Mutex<FlushState>,
@@ -207,7 +342,12 @@ impl Store {
             trees,
             durability: config.durability,
             sync_file,
-            applied: AtomicU64::new(0),
+            staging: !matches!(config.durability, Durability::Buffered { .. }),
+            staged: Mutex::default(),
+            issued: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            last_batch: AtomicU64::new(0),
+            storage_commits: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             flush: Mutex::new(FlushState {
                 durable: 0,
@@ -245,7 +385,7 @@ impl Store {
     fn write_layout(&self) -> Result<()> {
         let mut ws = WriteSet::default();
         ws.put(TreeId::Meta, keys::META_FORMAT, vec![keys::LAYOUT]);
-        let ticket = self.commit(&ws)?;
+        let ticket = self.commit(ws)?;
         if let Durability::Buffered { .. } = self.durability {
             // On disk in every mode: a layout change must never be lost.
             self.db.flush()?;
@@ -261,7 +401,13 @@ impl Store {
         &self.trees[t as usize]
     }
 
+    /// The value of `key`: staged, else in sled.
     pub fn get(&self, t: TreeId, key: &[u8]) -> Result<Option<sled::IVec>> {
+        if self.staging {
+            if let Some(v) = lock(&self.staged).get(t, key) {
+                return Ok(v.map(sled::IVec::from));
+            }
+        }
         Ok(self.tree(t).get(key)?)
     }
 
@@ -282,66 +428,112 @@ impl Store {
         }
     }
 
-    pub fn range<R: RangeBounds<Vec<u8>>>(
-        &self,
-        t: TreeId,
-        range: R,
-    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + use<R> {
-        self.tree(t).range(range).map(|r| r.map_err(Error::from))
+    /// The entries of `t` within `range`, in key order, staged ones included.
+    pub fn range<R: RangeBounds<Vec<u8>>>(&self, t: TreeId, range: R) -> Entries {
+        let bounds: KeyBounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let staged = if self.staging {
+            lock(&self.staged).range(t, &bounds)
+        } else {
+            Vec::new()
+        };
+        Entries {
+            sled: self.tree(t).range(bounds).peekable(),
+            staged: staged.into_iter().peekable(),
+        }
     }
 
-    pub fn scan_prefix(
-        &self,
-        t: TreeId,
-        prefix: &[u8],
-    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + use<> {
-        self.tree(t)
-            .scan_prefix(prefix)
-            .map(|r| r.map_err(Error::from))
+    /// The entries of `t` whose keys start with `prefix`, in key order.
+    pub fn scan_prefix(&self, t: TreeId, prefix: &[u8]) -> Entries {
+        self.range(t, prefix_bounds(prefix))
     }
 
-    /// Applies `ws` as one transaction over all trees and returns its durability ticket.
-    /// Callers serialise commits (the engine's writer lock), so tickets follow log order.
-    pub fn commit(&self, ws: &WriteSet) -> Result<u64> {
+    /// Commits `ws` atomically and returns its durability ticket: applies it to sled at once
+    /// in `Buffered` mode, stages it for the next flush leader otherwise. Callers serialise
+    /// commits (the engine's writer lock), so tickets follow commit order.
+    pub fn commit(&self, ws: WriteSet) -> Result<u64> {
         self.faults.before_write()?;
-        if let [(tree, key, value)] = ws.ops.as_slice() {
+        if !self.staging {
+            let writes: Vec<_> = ws
+                .ops
+                .iter()
+                .map(|(t, k, v)| (*t, k.as_slice(), v.as_deref()))
+                .collect();
+            self.apply(&writes)?;
+            return Ok(self.issued.fetch_add(1, Ordering::SeqCst) + 1);
+        }
+        let mut st = lock(&self.staged);
+        for (tree, key, value) in ws.ops {
+            st.current.insert(tree, key, value);
+        }
+        // Issued under the staging lock: a leader taking the batch covers exactly the
+        // tickets issued so far.
+        Ok(self.issued.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Writes `writes` to sled atomically.
+    fn apply(&self, writes: &[Write<'_>]) -> Result<()> {
+        self.storage_commits.fetch_add(1, Ordering::Relaxed);
+        if let [(tree, key, value)] = writes {
             // One key is atomic on its own. A sled transaction (or batch) rolls the log's
             // IO buffer twice, which costs two background writes with `sync_file_range`;
             // a plain insert or remove does not (an explicit wake writes only its sequence).
             let tree = self.tree(*tree);
             match value {
-                Some(v) => tree.insert(key.as_slice(), v.as_slice())?,
-                None => tree.remove(key.as_slice())?,
+                Some(v) => tree.insert(key, *v)?,
+                None => tree.remove(key)?,
             };
-            return Ok(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+            return Ok(());
         }
         let result: std::result::Result<(), TransactionError<()>> =
             self.trees[..].transaction(|views| {
-                for (tree, key, value) in &ws.ops {
+                for (tree, key, value) in writes {
                     let view = &views[*tree as usize];
                     match value {
-                        Some(v) => view.insert(key.as_slice(), v.as_slice())?,
-                        None => view.remove(key.as_slice())?,
+                        Some(v) => view.insert(*key, *v)?,
+                        None => view.remove(*key)?,
                     };
                 }
                 Ok(())
             });
         match result {
-            Ok(()) => Ok(self.applied.fetch_add(1, Ordering::SeqCst) + 1),
+            Ok(()) => Ok(()),
             Err(TransactionError::Storage(e)) => Err(e.into()),
             Err(TransactionError::Abort(())) => Err(Error::Storage("transaction aborted".into())),
         }
     }
 
-    /// The ticket of the last applied transaction: waiting for it makes everything a reader
-    /// has seen durable.
-    pub fn applied_ticket(&self) -> u64 {
-        self.applied.load(Ordering::SeqCst)
+    /// The flush leader's first step: applies everything staged as one sled transaction and
+    /// returns the last ticket it covers. Reads see the batch throughout (as `applying`).
+    fn apply_staged(&self) -> Result<u64> {
+        let (target, batch) = {
+            let mut st = lock(&self.staged);
+            let target = self.issued.load(Ordering::SeqCst);
+            let taken = self.taken.swap(target, Ordering::SeqCst);
+            if st.current.len == 0 {
+                return Ok(target);
+            }
+            self.last_batch.store(target - taken, Ordering::SeqCst);
+            let batch = Arc::new(std::mem::take(&mut st.current));
+            st.applying = Some(batch.clone());
+            (target, batch)
+        };
+        let result = self.apply(&batch.writes());
+        // On failure the engine is poisoned (every later call is refused), so what sled
+        // shows without the batch is never read as state.
+        lock(&self.staged).applying = None;
+        result.map(|()| target)
+    }
+
+    /// The ticket of the last committed transaction: waiting for it makes everything a
+    /// reader has seen durable.
+    pub fn last_ticket(&self) -> u64 {
+        self.issued.load(Ordering::SeqCst)
     }
 
     pub fn commit_stats(&self) -> CommitStats {
         CommitStats {
-            transactions: self.applied.load(Ordering::SeqCst),
+            transactions: self.issued.load(Ordering::SeqCst),
+            storage_commits: self.storage_commits.load(Ordering::SeqCst),
             flushes: self.flushes.load(Ordering::SeqCst),
         }
     }
@@ -359,19 +551,26 @@ impl Store {
         lock(&self.flush).failed.clone()
     }
 
-    /// Whether waiting for `ticket` would start a flush of its own (no flush in progress
-    /// covers it yet). The engine then lets the commit in progress finish first, so that one
-    /// flush covers both.
-    pub fn would_lead(&self, ticket: u64) -> bool {
-        if let Durability::Buffered { .. } = self.durability {
-            return false;
-        }
-        let st = lock(&self.flush);
-        st.durable < ticket && !st.flushing && st.failed.is_none()
+    /// Transactions staged and not yet taken by a flush leader, and how many the last
+    /// leader took: a leader about to take its batch may wait for the crowd it served last
+    /// time to come back (`Inner::gather`).
+    pub fn staging_counts(&self) -> (u64, u64) {
+        let issued = self.issued.load(Ordering::SeqCst);
+        let taken = self.taken.load(Ordering::SeqCst);
+        (
+            issued.saturating_sub(taken),
+            self.last_batch.load(Ordering::SeqCst),
+        )
     }
 
     /// Returns once transaction `ticket` is as durable as the mode promises.
     pub fn wait_durable(&self, ticket: u64) -> Result<()> {
+        self.wait_durable_gathering(ticket, || {})
+    }
+
+    /// [`wait_durable`](Store::wait_durable); should this caller lead the flush, it first
+    /// runs `gather` (which lets concurrent writers stage into the batch).
+    pub fn wait_durable_gathering(&self, ticket: u64, gather: impl Fn()) -> Result<()> {
         if let Durability::Buffered { .. } = self.durability {
             return Ok(());
         }
@@ -388,13 +587,16 @@ impl Store {
                 continue;
             }
             st.flushing = true;
-            let target = self.applied.load(Ordering::SeqCst);
             drop(st);
-            let r = self.flush_now();
+            gather();
+            let r = self.apply_staged().and_then(|target| {
+                self.flush_now()?;
+                Ok(target)
+            });
             st = lock(&self.flush);
             st.flushing = false;
             match r {
-                Ok(()) => st.durable = st.durable.max(target),
+                Ok(target) => st.durable = st.durable.max(target),
                 Err(e) => st.failed = Some(e.to_string()),
             }
             self.flushed.notify_all();
@@ -444,6 +646,89 @@ fn open_error(e: sled::Error, path: Option<&Path>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temporary(durability: Durability) -> Store {
+        Store::open(StoreConfig {
+            location: Location::Temporary,
+            cache_capacity: 1 << 20,
+            durability,
+        })
+        .expect("open")
+    }
+
+    fn keys_in(store: &Store, t: TreeId, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        store
+            .scan_prefix(t, prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("entry"))
+            .collect()
+    }
+
+    fn pair(k: &[u8], v: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        (k.to_vec(), v.to_vec())
+    }
+
+    /// In a durable mode a committed write set is staged: every read sees it at once, sled
+    /// only once a flush leader applied it, and staged deletes hide sled's keys.
+    #[test]
+    fn staged_writes_are_read_before_they_reach_sled() {
+        let store = temporary(Durability::Flush);
+        let t = TreeId::Redrives;
+        let mut ws = WriteSet::default();
+        for k in [&b"a1"[..], b"a3", b"a5", b"b1"] {
+            ws.put(t, k, b"old".to_vec());
+        }
+        let first = store.commit(ws).expect("commit");
+        store.wait_durable(first).expect("durable");
+        assert_eq!(store.tree(t).len(), 4, "applied by the flush leader");
+
+        let mut ws = WriteSet::default();
+        ws.put(t, &b"a2"[..], b"new".to_vec());
+        ws.delete(t, &b"a3"[..]);
+        ws.put(t, &b"a5"[..], b"new".to_vec());
+        ws.put(t, &b"a9"[..], b"x".to_vec());
+        ws.delete(t, &b"a9"[..]);
+        let second = store.commit(ws).expect("commit");
+        assert_eq!(second, first + 1);
+        assert!(!store.is_durable(second));
+        assert_eq!(store.tree(t).get(b"a2").expect("get"), None, "not in sled yet");
+        assert_eq!(store.get(t, b"a2").expect("get").as_deref(), Some(&b"new"[..]));
+        assert_eq!(store.get(t, b"a3").expect("get"), None, "deleted while staged");
+        assert_eq!(store.get(t, b"a9").expect("get"), None, "the last write wins");
+        let expected = vec![pair(b"a1", b"old"), pair(b"a2", b"new"), pair(b"a5", b"new")];
+        assert_eq!(keys_in(&store, t, b"a"), expected);
+        let from_a2: Vec<_> = store
+            .range(t, b"a2".to_vec()..)
+            .map(|r| r.expect("entry").0.to_vec())
+            .collect();
+        assert_eq!(from_a2, vec![b"a2".to_vec(), b"a5".to_vec(), b"b1".to_vec()]);
+
+        store.wait_durable(second).expect("durable");
+        assert_eq!(store.commit_stats().storage_commits, 3, "layout, then one per round");
+        assert_eq!(keys_in(&store, t, b"a"), expected);
+        assert_eq!(store.tree(t).get(b"a3").expect("get"), None, "applied");
+    }
+
+    /// In `Buffered` mode nothing stays staged: sled has every committed write at once.
+    #[test]
+    fn buffered_commits_reach_sled_at_once() {
+        let store = temporary(Durability::Buffered {
+            every: Duration::from_secs(60),
+        });
+        let mut ws = WriteSet::default();
+        ws.put(TreeId::Redrives, &b"k1"[..], b"v".to_vec());
+        ws.put(TreeId::Redrives, &b"k2"[..], b"v".to_vec());
+        store.commit(ws).expect("commit");
+        assert_eq!(store.tree(TreeId::Redrives).len(), 2);
+    }
+
+    #[test]
+    fn prefix_bounds_end_after_the_last_key_with_the_prefix() {
+        let b = |x: &[u8]| Bound::Excluded(x.to_vec());
+        assert_eq!(prefix_bounds(b"ab").1, b(b"ac"));
+        assert_eq!(prefix_bounds(&[1, 0xff]).1, b(&[2]));
+        assert_eq!(prefix_bounds(&[0xff, 0xff]).1, Bound::Unbounded);
+        assert_eq!(prefix_bounds(b"").1, Bound::Unbounded);
+    }
 
     /// Bytes in the `messages` tree that do not decode (or decode to another key's record)
     /// surface as `Error::Corrupted` naming the tree and the key. (Through the file they
