@@ -7,6 +7,7 @@
 //! | id in an index     | 16 raw bytes |
 //! | counters (`wakeups`, `meta/seq`) | u64 big-endian |
 //! | `meta/format`      | one byte, the key layout (`keys::LAYOUT`) |
+//! | `meta/journal`     | `JOURNAL_V1`, the number of writes (u32 BE), then per write: tree index (1), key length (u32 BE), key, then `0` (delete) or `1`, value length (u32 BE), value |
 //!
 //! `target` and `data` are stored as JSON text inside the record: bincode cannot round-trip
 //! `serde_json::Value`.
@@ -14,6 +15,7 @@
 use bincode::Options;
 use uuid::Uuid;
 
+use crate::keys::TreeId;
 use crate::machine::Record;
 
 /// The current record format.
@@ -75,6 +77,86 @@ pub(crate) fn decode_id(bytes: &[u8]) -> Result<Uuid, String> {
     Ok(Uuid::from_bytes(b))
 }
 
+/// The current `meta/journal` format.
+pub(crate) const JOURNAL_V1: u8 = 1;
+
+/// One write as the journal holds it: tree, key, new value (`None`: delete).
+pub(crate) type JournalWrite = (TreeId, Vec<u8>, Option<Vec<u8>>);
+
+/// A batch of writes as stored in `meta/journal`.
+pub(crate) fn encode_journal<'a>(
+    writes: impl IntoIterator<Item = (TreeId, &'a [u8], Option<&'a [u8]>)>,
+) -> Result<Vec<u8>, String> {
+    let len = |n: usize| {
+        u32::try_from(n)
+            .map(u32::to_be_bytes)
+            .map_err(|_| format!("{n} is too large for a journal"))
+    };
+    let mut out = vec![JOURNAL_V1, 0, 0, 0, 0];
+    let mut count = 0;
+    for (tree, key, value) in writes {
+        count += 1;
+        out.push(tree as u8);
+        out.extend_from_slice(&len(key.len())?);
+        out.extend_from_slice(key);
+        match value {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&len(v.len())?);
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out[1..5].copy_from_slice(&len(count)?);
+    Ok(out)
+}
+
+/// Decodes `meta/journal`; the error says what is wrong with the bytes.
+pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalWrite>, String> {
+    fn take<'a>(rest: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
+        if rest.len() < n {
+            return Err(format!("journal truncated in a {what}"));
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head)
+    }
+    fn len(rest: &mut &[u8], what: &str) -> Result<usize, String> {
+        let n = take(rest, 4, what)?;
+        Ok(u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+    }
+    fn bytes_with_len(rest: &mut &[u8], what: &str) -> Result<Vec<u8>, String> {
+        let n = len(rest, what)?;
+        Ok(take(rest, n, what)?.to_vec())
+    }
+    let mut rest = match bytes.split_first() {
+        None => return Err("empty journal".into()),
+        Some((&JOURNAL_V1, body)) => body,
+        Some((v, _)) => return Err(format!("unknown journal format version {v}")),
+    };
+    let count = len(&mut rest, "count")?;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let t = take(&mut rest, 1, "tree")?[0];
+        let tree = TreeId::from_index(t).ok_or_else(|| format!("unknown tree {t} in journal"))?;
+        let key = bytes_with_len(&mut rest, "key")?;
+        let value = match take(&mut rest, 1, "write kind")?[0] {
+            0 => None,
+            1 => Some(bytes_with_len(&mut rest, "value")?),
+            k => return Err(format!("unknown write kind {k} in journal")),
+        };
+        out.push((tree, key, value));
+    }
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} bytes after the journal's last write",
+            rest.len()
+        ));
+    }
+    Ok(out)
+}
+
 /// One line of an export file (JSON lines). Indexes are not exported: they follow from
 /// the records.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -115,9 +197,60 @@ pub(crate) fn decode_redrive(bytes: &[u8]) -> Result<crate::model::RedriveRecord
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::clock::Timestamp;
     use crate::machine::State;
     use crate::model::CleanupKind;
+
+    #[test]
+    fn journals_round_trip_and_damaged_ones_are_errors() {
+        let writes = vec![
+            (TreeId::Messages, b"k1".to_vec(), Some(b"v1".to_vec())),
+            (TreeId::Redrives, Vec::new(), Some(Vec::new())),
+            (TreeId::Meta, b"seq".to_vec(), None),
+        ];
+        let bytes = encode_journal(
+            writes
+                .iter()
+                .map(|(t, k, v)| (*t, k.as_slice(), v.as_deref())),
+        )
+        .expect("encode");
+        assert_eq!(decode_journal(&bytes).expect("decode"), writes);
+        let empty = [JOURNAL_V1, 0, 0, 0, 0];
+        assert_eq!(decode_journal(&empty).expect("empty batch"), vec![]);
+        // Every proper prefix is truncated somewhere, and nothing may follow the last write.
+        for cut in 1..bytes.len() {
+            let e = decode_journal(&bytes[..cut]).expect_err("truncated");
+            assert!(e.contains("truncated"), "{cut}: {e}");
+        }
+        assert!(decode_journal(&[]).is_err());
+        assert!(decode_journal(&[9])
+            .expect_err("version")
+            .contains("version 9"));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_journal(&longer)
+            .expect_err("trailing")
+            .contains("after"));
+        let bad_tree = [JOURNAL_V1, 0, 0, 0, 1, 200];
+        assert!(decode_journal(&bad_tree)
+            .expect_err("tree")
+            .contains("tree 200"));
+        let mut bad_kind = bytes.clone();
+        bad_kind[5 + 1 + 4 + 2] = 7;
+        assert!(decode_journal(&bad_kind)
+            .expect_err("kind")
+            .contains("kind 7"));
+        // Huge counts and length prefixes fail instead of allocating.
+        let huge = [JOURNAL_V1, 0xff, 0xff, 0xff, 0xff, 0];
+        assert!(decode_journal(&huge)
+            .expect_err("huge")
+            .contains("truncated"));
+        let huge = [JOURNAL_V1, 0, 0, 0, 1, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode_journal(&huge)
+            .expect_err("huge")
+            .contains("truncated"));
+    }
 
     fn sample() -> Record {
         Record {

@@ -501,6 +501,13 @@ impl Queue {
         self.inner().store.faults.fail_write_in(n);
     }
 
+    /// Test hook: the next batch written to disk stops after its journal and `writes` of
+    /// its writes and fails, as a crash at that point would leave it.
+    #[doc(hidden)]
+    pub fn inject_torn_apply(&self, writes: u64) {
+        self.inner().store.faults.tear_apply_after(writes);
+    }
+
     /// Test hook: makes the `n`th durability flush from now fail.
     #[doc(hidden)]
     pub fn inject_flush_failure(&self, n: u64) {
@@ -883,7 +890,7 @@ impl Inner {
             return Err(Error::Poisoned(why.clone()));
         }
         match self.store.failure() {
-            Some(e) => Err(Error::Poisoned(format!("a durability flush failed: {e}"))),
+            Some(e) => Err(Error::Poisoned(format!("writing to disk failed: {e}"))),
             None => Ok(()),
         }
     }

@@ -12,6 +12,8 @@ pub(crate) struct Faults {
     fail_write: AtomicU64,
     flushes: AtomicU64,
     fail_flush: AtomicU64,
+    /// 0: off; n: the next journaled apply stops after its journal and n - 1 writes.
+    tear_apply: AtomicU64,
 }
 
 impl Faults {
@@ -25,6 +27,22 @@ impl Faults {
     pub fn fail_flush_in(&self, n: u64) {
         let now = self.flushes.load(Ordering::SeqCst);
         self.fail_flush.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Stops the next batch applied through the journal after the journal and `writes` of
+    /// its writes, as a crash would, failing it.
+    pub fn tear_apply_after(&self, writes: u64) {
+        self.tear_apply.store(writes + 1, Ordering::SeqCst);
+    }
+
+    /// Called before write `i` (0-based) of a journaled apply.
+    pub fn before_applied_write(&self, i: u64) -> Result<()> {
+        let at = self.tear_apply.load(Ordering::SeqCst);
+        if at != 0 && at == i + 1 {
+            self.tear_apply.store(0, Ordering::SeqCst);
+            return Err(Error::Io(std::io::Error::other("injected torn apply")));
+        }
+        Ok(())
     }
 
     pub fn before_write(&self) -> Result<()> {

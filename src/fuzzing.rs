@@ -35,4 +35,22 @@ pub fn parse_keys(bytes: &[u8]) {
     let _ = codec::decode_u64(bytes);
     let _ = codec::decode_id(bytes);
     let _ = store::decode_record_at(bytes, bytes);
+    decode_journal(bytes);
+}
+
+/// A batch journal that decodes must re-encode to the same bytes.
+fn decode_journal(bytes: &[u8]) {
+    let Ok(writes) = codec::decode_journal(bytes) else {
+        return;
+    };
+    let again = codec::encode_journal(
+        writes
+            .iter()
+            .map(|(t, k, v)| (*t, k.as_slice(), v.as_deref())),
+    );
+    assert_eq!(
+        again.as_deref(),
+        Ok(bytes),
+        "a decoded journal does not re-encode to its bytes"
+    );
 }

@@ -14,7 +14,7 @@
 //! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | id(16)        | expiry, most overdue first: of one pool by one range; across pools by one range per pool that holds leases |
 //! | `tombstones`       | completed_at(8) pool(16) id(16)                  | empty         | pruning acked messages past retention, oldest first |
 //! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
-//! | `meta`             | `b"format"` / `b"seq"`                           | u8 / u64      | layout version (`LAYOUT`); the next `seq` |
+//! | `meta`             | `b"format"` / `b"seq"` / `b"journal"`            | u8 / u64 / batch | layout version (`LAYOUT`); the next `seq`; a batch being applied (`codec::encode_journal`) |
 //! | `metrics`          | family `\0` label `\0` label (`op`, `dlq`, `exp`)  | u64           | persisted counters |
 //! | `redrives`         | pool(16) id(16) seq(8)                           | audit JSON    | who redrove a dead letter, when and why |
 //!
@@ -73,6 +73,11 @@ impl TreeId {
         }
     }
 
+    /// The tree with index `i` in [`TreeId::ALL`].
+    pub fn from_index(i: u8) -> Option<TreeId> {
+        TreeId::ALL.get(usize::from(i)).copied()
+    }
+
     /// The trees that are pure functions of the `messages` tree.
     pub const INDEXES: [TreeId; 5] = [
         TreeId::Idempotency,
@@ -85,12 +90,16 @@ impl TreeId {
 
 pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_SEQ: &[u8] = b"seq";
+/// Present only while a batch of writes is being applied (`Store::apply`).
+pub(crate) const META_JOURNAL: &[u8] = b"journal";
 
-/// The key layout in `meta/format`. Layout 1 also kept a global `leases` index
-/// (`lease_expires_at seq -> pool id`); opening such a database drops that tree and
-/// writes layout 2 (`Store::open`).
-pub(crate) const LAYOUT: u8 = 2;
-/// The layout that `Store::open` migrates from, and the tree it drops.
+/// The key layout in `meta/format`. Layout 3 may hold `meta/journal`, which must be replayed
+/// on open; layout 2 never does, and older engines, which would not replay it, refuse
+/// layout 3. Layout 1 also kept a global `leases` index (`lease_expires_at seq -> pool id`).
+/// Opening a layout 1 or 2 database migrates it (`Store::open`).
+pub(crate) const LAYOUT: u8 = 3;
+/// The layouts that `Store::open` migrates from, and the tree layout 1 also had.
+pub(crate) const LAYOUT_V2: u8 = 2;
 pub(crate) const LAYOUT_V1: u8 = 1;
 pub(crate) const LAYOUT_V1_LEASES: &str = "leases";
 

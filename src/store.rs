@@ -1,16 +1,24 @@
 //! The only module that touches sled: opening the trees, reading, committing write sets
 //! atomically, and group commit (many callers share one sled transaction and one flush).
 //!
-//! In `Buffered` mode a committed write set is applied to sled at once, as one sled
-//! transaction. In the durable modes it is *staged*: merged into an in-memory overlay that
-//! every read of this module consults before sled, so the next operation already sees it.
+//! A committed write set is first *staged*: merged into an in-memory overlay that every read
+//! of this module consults before sled, so the next operation already sees it. In `Buffered`
+//! mode it is applied to sled at once; in the durable modes by the next flush leader.
 //! Group commit works without a thread of its own: a caller whose write is not yet durable
 //! either becomes the flush leader, or waits on a condvar for the leader in progress. The
-//! leader applies everything staged so far as **one** sled transaction, flushes once, and
+//! leader applies everything staged so far as **one** atomic batch, flushes once, and
 //! publishes the last ticket it covered as durable. Meanwhile other callers keep staging,
 //! so a crowd shares one transaction and one flush per round, and a lone caller does
-//! exactly one of each. (A sled transaction costs about three times its writes, and sled
-//! holds transactions back while it flushes: `BENCHMARKS.md`.)
+//! exactly one of each.
+//!
+//! A batch is made atomic by a redo journal rather than a sled transaction (which costs
+//! about three times its writes and two extra synchronous log writes: `BENCHMARKS.md`):
+//! the whole batch is written as one value, `meta/journal`, then every write as a plain
+//! sled insert or remove, then the journal is removed. sled recovers a prefix of its log,
+//! so after a crash either the journal is gone (the batch, and everything before it, is
+//! complete) or it is present and every write after it belongs to that batch: `Store::open`
+//! replays it (its values are final, so replaying is idempotent). A one-key batch is atomic
+//! on its own; a batch too large for one log entry is a sled transaction.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -231,6 +239,14 @@ impl Iterator for Entries {
     }
 }
 
+fn write_one(tree: &sled::Tree, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    match value {
+        Some(v) => tree.insert(key, v)?,
+        None => tree.remove(key)?,
+    };
+    Ok(())
+}
+
 /// The keys starting with `prefix`.
 fn prefix_bounds(prefix: &[u8]) -> KeyBounds {
     let mut end = prefix.to_vec();
@@ -258,8 +274,6 @@ pub(crate) struct Store {
     durability: Durability,
     /// The data file, for `fdatasync` in `Fsync` mode.
     sync_file: Option<File>,
-    /// Whether commits are staged (the durable modes) rather than applied at once.
-    staging: bool,
     staged: Mutex<Staged>,
     /// Tickets handed out: one per committed transaction, in commit order.
     issued: AtomicU64,
@@ -289,6 +303,10 @@ const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// Segments large enough that no record is ever written as a separate blob file (sled
 /// writes a node larger than a quarter segment as a blob, and does not fsync blobs).
 const SEGMENT_SIZE: usize = 8 << 20;
+
+/// Larger journals are not written: their batch is applied as one sled transaction instead
+/// (a log entry over a quarter segment would become a blob file).
+const JOURNAL_MAX: usize = 512 << 10;
 
 impl Store {
     pub fn open(config: StoreConfig) -> Result<Store> {
@@ -342,7 +360,6 @@ impl Store {
             trees,
             durability: config.durability,
             sync_file,
-            staging: !matches!(config.durability, Durability::Buffered { .. }),
             staged: Mutex::default(),
             issued: AtomicU64::new(0),
             taken: AtomicU64::new(0),
@@ -362,12 +379,15 @@ impl Store {
         Ok(store)
     }
 
-    /// Writes the layout byte into a new database and migrates layout 1; refuses any other.
+    /// Writes the layout byte into a new database, finishes a batch that a crash interrupted
+    /// and migrates layouts 1 and 2; refuses any other.
     fn check_format(&self) -> Result<()> {
         match self.tree(TreeId::Meta).get(keys::META_FORMAT)? {
-            Some(v) if v.as_ref() == [keys::LAYOUT] => Ok(()),
+            Some(v) if v.as_ref() == [keys::LAYOUT] => self.replay_journal(),
+            // Layout 2 differs only by never holding a journal.
+            Some(v) if v.as_ref() == [keys::LAYOUT_V2] => self.write_layout(),
             Some(v) if v.as_ref() == [keys::LAYOUT_V1] => {
-                // Layout 1 differs only by a derived index that layout 2 no longer keeps.
+                // Layout 1 also had a derived index that later layouts no longer keep.
                 // Dropping it first makes a crash in between harmless: the next open finds
                 // layout 1 without the tree and drops nothing.
                 self.db.drop_tree(keys::LAYOUT_V1_LEASES)?;
@@ -380,6 +400,21 @@ impl Store {
             )),
             None => self.write_layout(),
         }
+    }
+
+    /// Completes the batch whose journal a crash left behind (see the module comment).
+    fn replay_journal(&self) -> Result<()> {
+        let meta = self.tree(TreeId::Meta);
+        let Some(bytes) = meta.get(keys::META_JOURNAL)? else {
+            return Ok(());
+        };
+        let writes = codec::decode_journal(&bytes)
+            .map_err(|d| Error::corrupted("meta", keys::META_JOURNAL, d))?;
+        for (tree, key, value) in &writes {
+            write_one(self.tree(*tree), key, value.as_deref())?;
+        }
+        meta.remove(keys::META_JOURNAL)?;
+        Ok(())
     }
 
     fn write_layout(&self) -> Result<()> {
@@ -403,10 +438,8 @@ impl Store {
 
     /// The value of `key`: staged, else in sled.
     pub fn get(&self, t: TreeId, key: &[u8]) -> Result<Option<sled::IVec>> {
-        if self.staging {
-            if let Some(v) = lock(&self.staged).get(t, key) {
-                return Ok(v.map(sled::IVec::from));
-            }
+        if let Some(v) = lock(&self.staged).get(t, key) {
+            return Ok(v.map(sled::IVec::from));
         }
         Ok(self.tree(t).get(key)?)
     }
@@ -431,11 +464,7 @@ impl Store {
     /// The entries of `t` within `range`, in key order, staged ones included.
     pub fn range<R: RangeBounds<Vec<u8>>>(&self, t: TreeId, range: R) -> Entries {
         let bounds: KeyBounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        let staged = if self.staging {
-            lock(&self.staged).range(t, &bounds)
-        } else {
-            Vec::new()
-        };
+        let staged = lock(&self.staged).range(t, &bounds);
         Entries {
             sled: self.tree(t).range(bounds).peekable(),
             staged: staged.into_iter().peekable(),
@@ -447,43 +476,53 @@ impl Store {
         self.range(t, prefix_bounds(prefix))
     }
 
-    /// Commits `ws` atomically and returns its durability ticket: applies it to sled at once
-    /// in `Buffered` mode, stages it for the next flush leader otherwise. Callers serialise
-    /// commits (the engine's writer lock), so tickets follow commit order.
+    /// Commits `ws` atomically and returns its durability ticket: stages it, then applies it
+    /// to sled at once in `Buffered` mode; otherwise the next flush leader does. Callers
+    /// serialise commits (the engine's writer lock), so tickets follow commit order.
     pub fn commit(&self, ws: WriteSet) -> Result<u64> {
         self.faults.before_write()?;
-        if !self.staging {
-            let writes: Vec<_> = ws
-                .ops
-                .iter()
-                .map(|(t, k, v)| (*t, k.as_slice(), v.as_deref()))
-                .collect();
-            self.apply(&writes)?;
-            return Ok(self.issued.fetch_add(1, Ordering::SeqCst) + 1);
+        let ticket = {
+            let mut st = lock(&self.staged);
+            for (tree, key, value) in ws.ops {
+                st.current.insert(tree, key, value);
+            }
+            // Issued under the staging lock: a leader taking the batch covers exactly the
+            // tickets issued so far.
+            self.issued.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        if let Durability::Buffered { .. } = self.durability {
+            if let Err(e) = self.apply_staged() {
+                // Part of the batch may be in sled: nothing may be written after it.
+                lock(&self.flush).failed.get_or_insert(e.to_string());
+                return Err(e);
+            }
         }
-        let mut st = lock(&self.staged);
-        for (tree, key, value) in ws.ops {
-            st.current.insert(tree, key, value);
-        }
-        // Issued under the staging lock: a leader taking the batch covers exactly the
-        // tickets issued so far.
-        Ok(self.issued.fetch_add(1, Ordering::SeqCst) + 1)
+        Ok(ticket)
     }
 
-    /// Writes `writes` to sled atomically.
+    /// Writes `writes` to sled atomically (see the module comment).
     fn apply(&self, writes: &[Write<'_>]) -> Result<()> {
         self.storage_commits.fetch_add(1, Ordering::Relaxed);
         if let [(tree, key, value)] = writes {
-            // One key is atomic on its own. A sled transaction (or batch) rolls the log's
-            // IO buffer twice, which costs two background writes with `sync_file_range`;
-            // a plain insert or remove does not (an explicit wake writes only its sequence).
-            let tree = self.tree(*tree);
-            match value {
-                Some(v) => tree.insert(key, *v)?,
-                None => tree.remove(key)?,
-            };
-            return Ok(());
+            // One key is atomic on its own.
+            return write_one(self.tree(*tree), key, *value);
         }
+        let journal = codec::encode_journal(writes.iter().copied()).map_err(Error::Storage)?;
+        if journal.len() > JOURNAL_MAX {
+            return self.apply_transaction(writes);
+        }
+        let meta = self.tree(TreeId::Meta);
+        meta.insert(keys::META_JOURNAL, journal)?;
+        for (i, (tree, key, value)) in writes.iter().enumerate() {
+            self.faults.before_applied_write(i as u64)?;
+            write_one(self.tree(*tree), key, *value)?;
+        }
+        meta.remove(keys::META_JOURNAL)?;
+        Ok(())
+    }
+
+    /// Writes `writes` as one sled transaction.
+    fn apply_transaction(&self, writes: &[Write<'_>]) -> Result<()> {
         let result: std::result::Result<(), TransactionError<()>> =
             self.trees[..].transaction(|views| {
                 for (tree, key, value) in writes {
@@ -502,8 +541,9 @@ impl Store {
         }
     }
 
-    /// The flush leader's first step: applies everything staged as one sled transaction and
-    /// returns the last ticket it covers. Reads see the batch throughout (as `applying`).
+    /// Applies everything staged as one batch and returns the last ticket it covers (the
+    /// flush leader's first step; in `Buffered` mode, each commit's). Reads see the batch
+    /// throughout (as `applying`).
     fn apply_staged(&self) -> Result<u64> {
         let (target, batch) = {
             let mut st = lock(&self.staged);
@@ -577,7 +617,7 @@ impl Store {
         let mut st = lock(&self.flush);
         loop {
             if let Some(e) = &st.failed {
-                return Err(Error::Poisoned(format!("a durability flush failed: {e}")));
+                return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
             }
             if st.durable >= ticket {
                 return Ok(());
@@ -690,22 +730,71 @@ mod tests {
         let second = store.commit(ws).expect("commit");
         assert_eq!(second, first + 1);
         assert!(!store.is_durable(second));
-        assert_eq!(store.tree(t).get(b"a2").expect("get"), None, "not in sled yet");
-        assert_eq!(store.get(t, b"a2").expect("get").as_deref(), Some(&b"new"[..]));
-        assert_eq!(store.get(t, b"a3").expect("get"), None, "deleted while staged");
-        assert_eq!(store.get(t, b"a9").expect("get"), None, "the last write wins");
-        let expected = vec![pair(b"a1", b"old"), pair(b"a2", b"new"), pair(b"a5", b"new")];
+        assert_eq!(
+            store.tree(t).get(b"a2").expect("get"),
+            None,
+            "not in sled yet"
+        );
+        assert_eq!(
+            store.get(t, b"a2").expect("get").as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(
+            store.get(t, b"a3").expect("get"),
+            None,
+            "deleted while staged"
+        );
+        assert_eq!(
+            store.get(t, b"a9").expect("get"),
+            None,
+            "the last write wins"
+        );
+        let expected = vec![
+            pair(b"a1", b"old"),
+            pair(b"a2", b"new"),
+            pair(b"a5", b"new"),
+        ];
         assert_eq!(keys_in(&store, t, b"a"), expected);
         let from_a2: Vec<_> = store
             .range(t, b"a2".to_vec()..)
             .map(|r| r.expect("entry").0.to_vec())
             .collect();
-        assert_eq!(from_a2, vec![b"a2".to_vec(), b"a5".to_vec(), b"b1".to_vec()]);
+        assert_eq!(
+            from_a2,
+            vec![b"a2".to_vec(), b"a5".to_vec(), b"b1".to_vec()]
+        );
 
         store.wait_durable(second).expect("durable");
-        assert_eq!(store.commit_stats().storage_commits, 3, "layout, then one per round");
+        assert_eq!(
+            store.commit_stats().storage_commits,
+            3,
+            "layout, then one per round"
+        );
         assert_eq!(keys_in(&store, t, b"a"), expected);
         assert_eq!(store.tree(t).get(b"a3").expect("get"), None, "applied");
+        let journal = store.tree(TreeId::Meta).get(keys::META_JOURNAL);
+        assert_eq!(
+            journal.expect("get"),
+            None,
+            "removed once the batch is applied"
+        );
+    }
+
+    /// A batch whose journal would be too large is applied as one sled transaction.
+    #[test]
+    fn a_batch_too_large_for_a_journal_is_applied_whole() {
+        let store = temporary(Durability::Flush);
+        let t = TreeId::Redrives;
+        let mut ws = WriteSet::default();
+        ws.put(t, &b"big"[..], vec![7u8; JOURNAL_MAX]);
+        ws.put(t, &b"small"[..], b"v".to_vec());
+        let ticket = store.commit(ws).expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        let big = store.tree(t).get(b"big").expect("get");
+        assert_eq!(big.map(|v| v.len()), Some(JOURNAL_MAX));
+        assert!(store.tree(t).get(b"small").expect("get").is_some());
+        let journal = store.tree(TreeId::Meta).get(keys::META_JOURNAL);
+        assert_eq!(journal.expect("get"), None);
     }
 
     /// In `Buffered` mode nothing stays staged: sled has every committed write at once.

@@ -8,6 +8,9 @@
 //!   it returns an error, every later call reports `Error::Poisoned`, and a reopen shows a
 //!   consistent state: the failed operation either fully there or fully absent, and every
 //!   operation that returned `Ok` present.
+//! * `inject_torn_apply(k)`: the next batch written to disk stops after its journal and `k`
+//!   of its writes, which is what a crash at that point leaves on disk. A reopen replays the
+//!   journal: the batch is there in full and the state is consistent.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -444,4 +447,58 @@ fn a_failed_group_flush_fails_its_waiters_and_keeps_every_returned_write() {
         .filter(|(id, _)| q.read_message(pool, *id).expect("read").is_some())
         .count() as u64;
     assert_eq!(q.read_wakeup_sequence(pool).expect("seq"), present);
+}
+
+/// A batch cut off after its journal and any number of its writes (a crash in the middle
+/// of applying it) is completed on reopen: the operation is there in full, every index
+/// agrees with the records, and the engine works on.
+#[test]
+fn a_batch_torn_after_its_journal_is_completed_on_reopen() {
+    let mut torn = 0;
+    for k in 0..8 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let clock = ManualClock::new(START);
+        let pool = Uuid::new_v4();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let q = open(&path, &clock, Durability::Fsync);
+        q.enqueue(msg(pool, a, "a")).expect("enqueue");
+        q.enqueue(msg(pool, b, "b")).expect("enqueue");
+        let r = q
+            .reserve(pool, &ReserveFilter::any())
+            .expect("reserve")
+            .expect("a visible message");
+        assert_eq!(r.message.message_id, a);
+        // The ack writes its record, drops the lease entry and adds a tombstone.
+        q.inject_torn_apply(k);
+        match q.ack(pool, a, &r.reservation_token) {
+            Ok(res) => {
+                assert_eq!(res.status, OpStatus::Accepted);
+                assert!(
+                    k >= 3,
+                    "an ack has at least 3 writes, yet {k} did not tear it"
+                );
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(&e, Error::Poisoned(why) if why.contains("injected torn apply")),
+                    "{e:?}"
+                );
+                torn += 1;
+            }
+        }
+        drop(q);
+        let q = open(&path, &clock, Durability::Fsync);
+        assert_clean(&q);
+        assert_eq!(q.read_message(pool, a).expect("read"), None, "{k}: acked");
+        assert_eq!(q.read_reservation(pool, a).expect("read"), None, "{k}");
+        let next = q
+            .reserve(pool, &ReserveFilter::any())
+            .expect("reserve")
+            .expect("b is still visible");
+        assert_eq!(next.message.message_id, b, "{k}");
+        assert_clean(&q);
+    }
+    assert!(torn >= 3, "only {torn} applies were torn");
 }

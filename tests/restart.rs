@@ -402,7 +402,7 @@ fn stored_layout(db: &sled::Db) -> Option<Vec<u8>> {
 }
 
 /// A database written with layout 1 (which also kept a global `leases` index) is migrated
-/// on open: the old index is dropped, layout 2 is recorded, and leases of every pool still
+/// on open: the old index is dropped, the current layout (3) is recorded, and leases of every pool still
 /// expire, most overdue first, through the per-pool index alone.
 #[test]
 fn a_layout_1_database_is_migrated_on_open() {
@@ -438,11 +438,11 @@ fn a_layout_1_database_is_migrated_on_open() {
     let db = raw_sled(&path);
     let names: Vec<Vec<u8>> = db.tree_names().iter().map(|n| n.to_vec()).collect();
     assert!(!names.contains(&b"leases".to_vec()), "{names:?}");
-    assert_eq!(stored_layout(&db), Some(vec![2u8]));
+    assert_eq!(stored_layout(&db), Some(vec![3u8]));
 }
 
-/// A crash between the two steps of the migration (old index dropped, layout 2 not yet
-/// written) leaves layout 1 without the old index: the next open finishes the migration.
+/// A crash between the two steps of the migration (old index dropped, the new layout not
+/// yet written) leaves layout 1 without the old index: the next open finishes the migration.
 #[test]
 fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -462,7 +462,57 @@ fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_ope
         assert!(q.read_message(pool, id).unwrap().is_some());
     }
     let db = raw_sled(&path);
-    assert_eq!(stored_layout(&db), Some(vec![2u8]));
+    assert_eq!(stored_layout(&db), Some(vec![3u8]));
+}
+
+/// Layout 2 differs from layout 3 only in never holding a batch journal: opening it records
+/// layout 3 (which older engines, that would not replay a journal, refuse) and keeps all.
+#[test]
+fn a_layout_2_database_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let clock = clock();
+    let pool = uuid();
+    let id = {
+        let q = path_builder(&path, &clock).open().unwrap();
+        enqueue_new(&q, pool, "k")
+    };
+    set_layout(&path, 2, |_| {});
+    {
+        let q = path_builder(&path, &clock).open().unwrap();
+        assert_clean(&q);
+        assert!(q.read_message(pool, id).unwrap().is_some());
+    }
+    let db = raw_sled(&path);
+    assert_eq!(stored_layout(&db), Some(vec![3u8]));
+}
+
+/// A batch journal that does not decode is refused with a typed error naming it, before
+/// anything is written.
+#[test]
+fn an_undecodable_batch_journal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    drop(Queue::open(&path).unwrap());
+    for bad in [
+        &[9u8][..],
+        &[1, 0, 0, 0, 1, 0][..],
+        &[1, 0, 0, 0, 0, 77][..],
+    ] {
+        set_layout(&path, 3, |db| {
+            db.open_tree("meta")
+                .unwrap()
+                .insert("journal", bad)
+                .unwrap();
+        });
+        let e = Queue::open(&path).unwrap_err();
+        assert!(matches!(e, cleanup_queue::Error::Corrupted { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("`meta`") && text.contains("journal"),
+            "{text}"
+        );
+    }
 }
 
 /// Any other layout byte is refused with a typed error naming the tree and key.
