@@ -3,8 +3,8 @@
 //! 1. validate input (nothing touched on error);
 //! 2. take the writer lock, read the clock once, read records;
 //! 3. compute new records with `machine`;
-//! 4. write them (with their index changes, the `seq` counter and any wakeup bump) as one
-//!    sled transaction;
+//! 4. commit them (with their index changes, the `seq` counter and any wakeup bump) as one
+//!    write set, which the store stages and applies atomically (`store.rs`);
 //! 5. release the lock, wait until the transaction is durable (group commit), then publish
 //!    the wakeups.
 //!

@@ -304,9 +304,11 @@ const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// writes a node larger than a quarter segment as a blob, and does not fsync blobs).
 const SEGMENT_SIZE: usize = 8 << 20;
 
-/// Larger journals are not written: their batch is applied as one sled transaction instead
-/// (a log entry over a quarter segment would become a blob file).
-const JOURNAL_MAX: usize = 512 << 10;
+/// Larger journals are not written: their batch is applied as one sled transaction instead.
+/// sled writes a log entry over a quarter segment (2 MiB) as a blob file, and the `meta`
+/// node holding the journal must stay below that too. (`expire_leases(1000)` writes about
+/// 0.5 MiB.)
+const JOURNAL_MAX: usize = 1 << 20;
 
 impl Store {
     pub fn open(config: StoreConfig) -> Result<Store> {
