@@ -190,7 +190,9 @@ impl Staged {
     fn range(&self, tree: TreeId, bounds: &KeyBounds) -> Vec<Entry> {
         let t = tree as usize;
         let applying = self.applying.as_ref().map(|a| &a.trees[t]);
-        if self.current.trees[t].is_empty() && applying.is_none_or(BTreeMap::is_empty) {
+        if self.current.trees[t].is_empty() && applying.is_none_or(BTreeMap::is_empty)
+            || is_empty(bounds)
+        {
             return Vec::new();
         }
         let mut out: BTreeMap<&Vec<u8>, &Option<Vec<u8>>> = BTreeMap::new();
@@ -205,9 +207,22 @@ impl Staged {
 
 type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
+/// Whether no key lies within `bounds` (`BTreeMap::range` panics on such bounds; sled
+/// returns nothing).
+fn is_empty(bounds: &KeyBounds) -> bool {
+    match bounds {
+        (Bound::Included(a), Bound::Included(b)) => a > b,
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
+        | (Bound::Excluded(a), Bound::Included(b)) => a >= b,
+        _ => false,
+    }
+}
+
 /// Entries of one tree in key order: sled's, overlaid by the staged ones taken when the
-/// iterator was made. (Sled may meanwhile apply exactly those staged entries; either way the
-/// staged value is the one seen.)
+/// iterator was made. For the writer-lock holder this is exact: nothing else stages while it
+/// holds the lock, and a leader applying meanwhile writes exactly the staged entries it
+/// already sees. A lock-free reader iterating while writers commit may see keys from
+/// different moments, as a plain sled iterator always could.
 pub(crate) struct Entries {
     sled: Peekable<sled::Iter>,
     staged: Peekable<std::vec::IntoIter<Entry>>,
@@ -547,6 +562,12 @@ impl Store {
     /// flush leader's first step; in `Buffered` mode, each commit's). Reads see the batch
     /// throughout (as `applying`).
     fn apply_staged(&self) -> Result<u64> {
+        if let Some(e) = self.failure() {
+            // A failed batch may be half in sled with its journal: writing anything after it
+            // (a writer that passed its check before the failure) could overwrite that
+            // journal or be overwritten by its replay.
+            return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
+        }
         let (target, batch) = {
             let mut st = lock(&self.staged);
             let target = self.issued.load(Ordering::SeqCst);
@@ -790,6 +811,8 @@ mod tests {
         let mut ws = WriteSet::default();
         ws.put(t, &b"big"[..], vec![7u8; JOURNAL_MAX]);
         ws.put(t, &b"small"[..], b"v".to_vec());
+        // Would fail a journaled apply right after its journal.
+        store.faults.tear_apply_after(0);
         let ticket = store.commit(ws).expect("commit");
         store.wait_durable(ticket).expect("durable");
         let big = store.tree(t).get(b"big").expect("get");
@@ -810,6 +833,71 @@ mod tests {
         ws.put(TreeId::Redrives, &b"k2"[..], b"v".to_vec());
         store.commit(ws).expect("commit");
         assert_eq!(store.tree(TreeId::Redrives).len(), 2);
+    }
+
+    /// After a failed batch nothing more reaches sled, in `Buffered` mode too (where no
+    /// flush leader would stop it): the torn batch's journal stays for the replay.
+    #[test]
+    fn nothing_is_applied_after_a_failed_batch() {
+        let store = temporary(Durability::Buffered {
+            every: Duration::from_secs(60),
+        });
+        let t = TreeId::Redrives;
+        let batch = |k: &[u8]| {
+            let mut ws = WriteSet::default();
+            ws.put(t, [k, b"1"].concat(), b"v".to_vec());
+            ws.put(t, [k, b"2"].concat(), b"v".to_vec());
+            ws
+        };
+        store.faults.tear_apply_after(1);
+        let e = store.commit(batch(b"a")).expect_err("torn");
+        assert!(e.to_string().contains("injected torn apply"), "{e}");
+        assert!(store.failure().is_some());
+        let journal = store.tree(TreeId::Meta).get(keys::META_JOURNAL);
+        let journal = journal.expect("get").expect("left for the replay");
+        for ws in [batch(b"b"), {
+            let mut one = WriteSet::default();
+            one.put(t, &b"c"[..], b"v".to_vec());
+            one
+        }] {
+            let e = store.commit(ws).expect_err("poisoned");
+            assert!(matches!(e, Error::Poisoned(_)), "{e:?}");
+        }
+        let keys: Vec<_> = store
+            .tree(t)
+            .iter()
+            .keys()
+            .map(|k| k.expect("key"))
+            .collect();
+        assert_eq!(keys, vec![sled::IVec::from(&b"a1"[..])]);
+        let again = store.tree(TreeId::Meta).get(keys::META_JOURNAL);
+        assert_eq!(
+            again.expect("get"),
+            Some(journal),
+            "the journal is untouched"
+        );
+    }
+
+    #[test]
+    fn empty_bounds_give_nothing() {
+        let store = temporary(Durability::Flush);
+        let mut ws = WriteSet::default();
+        ws.put(TreeId::Redrives, &b"k"[..], b"v".to_vec());
+        let _staged = store.commit(ws).expect("commit");
+        let k = || b"k".to_vec();
+        let ranges: [KeyBounds; 3] = [
+            (Bound::Excluded(k()), Bound::Excluded(k())),
+            (Bound::Included(k()), Bound::Excluded(k())),
+            (Bound::Included(b"z".to_vec()), Bound::Included(k())),
+        ];
+        for r in ranges {
+            assert_eq!(store.range(TreeId::Redrives, r.clone()).count(), 0, "{r:?}");
+        }
+        let r = store.range(
+            TreeId::Redrives,
+            (Bound::Included(k()), Bound::Included(k())),
+        );
+        assert_eq!(r.count(), 1);
     }
 
     #[test]
