@@ -9,12 +9,17 @@
 //!   ≥ 80 % of the matching rate).
 //! - `limits/sled_txn_width/{3,9}`: the same 3 writes in a transaction opened over 3 or over
 //!   9 trees (no flush): the per-transaction cost of the trees a write set does not touch.
-//! - `limits/sled_writes/{txn,plain}`: the same 3 writes as one transaction or as 3 plain
-//!   inserts, printing the CPU time of the whole process per operation (`[proc-cpu]`): what
-//!   sled's transactions cost beyond their writes (two log-buffer rolls each).
+//! - `limits/sled_writes/{txn,plain,journal}`: the same 3 writes as one transaction, as 3
+//!   plain inserts, or journaled as the engine writes a batch (the writes as one `journal`
+//!   value, then the 3 inserts, then the journal removed), printing the CPU time of the whole
+//!   process per operation (`[proc-cpu]`): what sled's transactions cost beyond their writes
+//!   (two log-buffer rolls each), and what the journal costs instead.
 //! - `limits/sled_batch_flush_fdatasync/{1,8,32}`: that many transactions share one
 //!   `flush()` + `fdatasync`: the ceiling for group commit with that many threads (goal:
 //!   8 threads ≥ 50k durable operations/s).
+//! - `limits/sled_journal_flush_fdatasync/{1,8,32}`: the same, with the writes of that many
+//!   operations journaled as one batch (the engine's group commit since layout 3): the
+//!   ceiling for the engine's group commit with that many threads.
 //! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~3,000 writes of
 //!   `expire_leases(1000)` as one 3-tree transaction or as per-tree batches, then `flush()` +
 //!   `fdatasync`: the ceiling for the expiry goal (≤ 5 ms).
@@ -108,6 +113,35 @@ impl RawSled {
         c.insert(b"seq", &i.to_be_bytes()).expect("insert");
     }
 
+    /// The writes of `ops` operations ([`RawSled::plain`]) as one journaled batch: the
+    /// writes encoded as one `journal` value, then applied, then the journal removed.
+    fn journaled(&mut self, ops: u64) {
+        let mut batch = Vec::new();
+        let mut journal = Vec::new();
+        for _ in 0..ops {
+            let (i, key, index) = self.next_keys();
+            for part in [
+                &key[..],
+                &self.record,
+                &index[..],
+                &key[16..],
+                &i.to_be_bytes(),
+            ] {
+                journal.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                journal.extend_from_slice(part);
+            }
+            batch.push((i, key, index));
+        }
+        let [a, b, c] = &self.trees;
+        c.insert(b"journal", journal).expect("insert");
+        for (i, key, index) in batch {
+            a.insert(&key[..], self.record.as_slice()).expect("insert");
+            b.insert(&index[..], &key[16..]).expect("insert");
+            c.insert(b"seq", &i.to_be_bytes()).expect("insert");
+        }
+        c.remove(b"journal").expect("remove");
+    }
+
     fn flush(&self) {
         self.db.flush().expect("flush");
     }
@@ -185,17 +219,17 @@ fn sled_txn_width(c: &mut Criterion) {
 fn sled_writes(c: &mut Criterion) {
     let mut g = c.benchmark_group("limits/sled_writes");
     g.throughput(Throughput::Elements(1));
-    for how in ["txn", "plain"] {
+    for how in ["txn", "plain", "journal"] {
         let mut raw = RawSled::open();
         let (mut ops, mut process_ns) = (0u64, 0u64);
         g.bench_function(how, |b| {
             b.iter_custom(|iters| {
                 let (p0, t0) = (common::process_cpu_ns(), Instant::now());
                 for _ in 0..iters {
-                    if how == "txn" {
-                        raw.txn();
-                    } else {
-                        raw.plain();
+                    match how {
+                        "txn" => raw.txn(),
+                        "plain" => raw.plain(),
+                        _ => raw.journaled(1),
                     }
                 }
                 let wall = t0.elapsed();
@@ -215,21 +249,31 @@ fn sled_writes(c: &mut Criterion) {
 }
 
 fn sled_batch(c: &mut Criterion) {
-    let mut g = c.benchmark_group("limits/sled_batch_flush_fdatasync");
-    for batch in [1u64, 8, 32] {
-        let mut raw = RawSled::open();
-        g.throughput(Throughput::Elements(batch));
-        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-            b.iter(|| {
-                for _ in 0..batch {
-                    raw.txn();
-                }
-                raw.flush();
-                raw.fdatasync();
-            })
+    for journal in [false, true] {
+        let mut g = c.benchmark_group(if journal {
+            "limits/sled_journal_flush_fdatasync"
+        } else {
+            "limits/sled_batch_flush_fdatasync"
         });
+        for batch in [1u64, 8, 32] {
+            let mut raw = RawSled::open();
+            g.throughput(Throughput::Elements(batch));
+            g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+                b.iter(|| {
+                    if journal {
+                        raw.journaled(batch);
+                    } else {
+                        for _ in 0..batch {
+                            raw.txn();
+                        }
+                    }
+                    raw.flush();
+                    raw.fdatasync();
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 /// The writes of `expire_leases(1000)`: per lease a record put, a lease-index delete and a
