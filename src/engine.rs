@@ -364,6 +364,42 @@ impl Queue {
         self.inner().expire_leases(limit, work_pool_id)
     }
 
+    /// Runs `op`, in which this thread's mutating calls on this queue return without waiting
+    /// for durability: their results are computed and their writes committed (every later
+    /// operation sees them), but the wait for the flush that makes them durable, and the
+    /// wakeups they publish after it, are left in the returned [`Pending`]. The caller must
+    /// not act on the results until [`Queue::complete`] returned `Ok` for it, whether `op`
+    /// succeeded or not (a failed `reserve` may already have committed its lease expiry).
+    ///
+    /// This lets a caller on an event loop run operations inline and wait for many of them
+    /// with one blocking call elsewhere (the Prefect plug-in does). Reads inside `op` still
+    /// wait for durability themselves. Calls on other threads, or on other queues, are not
+    /// affected.
+    pub fn deferred<T>(&self, op: impl FnOnce() -> T) -> (T, Pending) {
+        let owner = self.inner() as *const Inner as usize;
+        let previous = DEFERRED.with(|d| d.borrow_mut().replace((owner, Pending::default())));
+        let scope = DeferScope(previous);
+        let out = op();
+        let pending = DEFERRED.with(|d| d.borrow_mut().take()).map(|(_, p)| p);
+        drop(scope);
+        (out, pending.unwrap_or_default())
+    }
+
+    /// Whether `pending`'s writes are already as durable as the mode promises (never waits;
+    /// [`complete`](Queue::complete) then returns at once).
+    pub fn is_durable(&self, pending: &Pending) -> bool {
+        self.inner().store.is_durable(pending.ticket)
+    }
+
+    /// Waits until `pending`'s writes are durable (sharing flushes with every concurrent
+    /// caller), then publishes its wakeups.
+    pub fn complete(&self, pending: Pending) -> Result<()> {
+        self.inner().finish_now(Committed {
+            ticket: pending.ticket,
+            wakes: pending.wakes,
+        })
+    }
+
     /// The active (visible or reserved) message, only from its own pool.
     pub fn read_message(&self, work_pool_id: Uuid, message_id: Uuid) -> Result<Option<Message>> {
         self.inner().read(work_pool_id, message_id, |r| {
@@ -407,8 +443,7 @@ impl Queue {
         // The stored value may be ahead of the published one for the moment between a
         // writer's flush and its publish; once durable it may be published by anyone, so
         // a reader never sees a sequence older than the state it can read.
-        let stored = inner.stored_wakeup(work_pool_id)?;
-        inner.store.wait_durable(inner.store.last_ticket())?;
+        let stored = inner.durable_wakeup(work_pool_id)?;
         inner.wakeups.publish(work_pool_id, stored, || Ok(stored))?;
         inner
             .wakeups
@@ -426,7 +461,7 @@ impl Queue {
         let inner = self.inner();
         inner.check()?;
         let seq = inner.wakeups.wait(work_pool_id, after, timeout, || {
-            inner.stored_wakeup(work_pool_id)
+            inner.durable_wakeup(work_pool_id)
         })?;
         Ok(seq.map(|sequence| Wakeup {
             work_pool_id,
@@ -564,6 +599,32 @@ impl std::ops::Deref for WriterGuard<'_> {
 impl std::ops::DerefMut for WriterGuard<'_> {
     fn deref_mut(&mut self) -> &mut Writer {
         &mut self.guard
+    }
+}
+
+thread_local! {
+    /// The engine (by address) whose operations on this thread defer their durability wait
+    /// into the pending record ([`Queue::deferred`]).
+    static DEFERRED: std::cell::RefCell<Option<(usize, Pending)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// What [`Queue::deferred`] left to do: wait until the operations' writes are durable,
+/// then publish their wakeups ([`Queue::complete`]).
+#[must_use = "a pending completion must be passed to Queue::complete"]
+#[derive(Debug, Default)]
+pub struct Pending {
+    ticket: u64,
+    wakes: Vec<(Uuid, u64)>,
+}
+
+/// Restores the previous deferral of this thread, even when unwinding.
+struct DeferScope(Option<(usize, Pending)>);
+
+impl Drop for DeferScope {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        DEFERRED.with(|d| *d.borrow_mut() = previous);
     }
 }
 
@@ -904,8 +965,32 @@ impl Inner {
         self.store.get_u64(TreeId::Wakeups, &keys::wakeup(pool))
     }
 
+    /// The stored sequence once it is durable (a reader never sees what a crash could take
+    /// back; a staged bump is published by its own operation after its flush).
+    fn durable_wakeup(&self, pool: Uuid) -> Result<u64> {
+        let stored = self.stored_wakeup(pool)?;
+        self.store.wait_durable(self.store.last_ticket())?;
+        Ok(stored)
+    }
+
     /// After the writer lock is released: durability, then wakeups.
     pub(crate) fn finish(&self, c: Committed) -> Result<()> {
+        let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some((owner, pending)) if *owner == self as *const Inner as usize => {
+                pending.ticket = pending.ticket.max(c.ticket);
+                pending.wakes.extend(c.wakes.iter().copied());
+                true
+            }
+            _ => false,
+        });
+        if deferred {
+            return Ok(());
+        }
+        self.finish_now(c)
+    }
+
+    /// [`finish`](Inner::finish), never deferred.
+    fn finish_now(&self, c: Committed) -> Result<()> {
         self.store
             .wait_durable_gathering(c.ticket, || self.gather())?;
         for (pool, v) in c.wakes {

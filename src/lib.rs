@@ -56,7 +56,7 @@ mod wakeup;
 
 pub use admin::RedriveTarget;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use engine::{Enqueued, Queue, QueueBuilder, Reserved, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use engine::{Enqueued, Pending, Queue, QueueBuilder, Reserved, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use error::{Error, InputError, Result};
 pub use metrics::{Counter, Metrics};
 pub use model::{

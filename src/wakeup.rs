@@ -31,17 +31,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Wakeups {
-    /// The pool's slot, created from `load` (the stored sequence) on first use.
+    /// The pool's slot, created from `load` (the durable stored sequence) on first use.
+    /// `load` runs without the map's lock (it may wait for a flush).
     fn slot(&self, pool: Uuid, load: impl FnOnce() -> Result<u64>) -> Result<Arc<Slot>> {
-        let mut pools = lock(&self.pools);
-        if let Some(s) = pools.get(&pool) {
+        if let Some(s) = lock(&self.pools).get(&pool) {
             return Ok(s.clone());
         }
-        let slot = Arc::new(Slot {
-            sequence: Mutex::new(load()?),
-            ..Slot::default()
-        });
-        pools.insert(pool, slot.clone());
+        let loaded = load()?;
+        let slot = lock(&self.pools).entry(pool).or_default().clone();
+        // Another thread may have made the slot meanwhile, behind what is durable now.
+        let raised = {
+            let mut s = lock(&slot.sequence);
+            let raised = loaded > *s;
+            *s = (*s).max(loaded);
+            raised
+        };
+        if raised && slot.waiting.load(Ordering::SeqCst) > 0 {
+            slot.changed.notify_all();
+        }
         Ok(slot)
     }
 
