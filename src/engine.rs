@@ -618,6 +618,17 @@ pub struct Pending {
     wakes: Vec<(Uuid, u64)>,
 }
 
+impl Pending {
+    /// The same durability wait without the wakeups: completing it waits for this pending
+    /// record's writes and publishes nothing (the record itself is completed later).
+    pub fn ticket_only(&self) -> Pending {
+        Pending {
+            ticket: self.ticket,
+            wakes: Vec::new(),
+        }
+    }
+}
+
 /// Restores the previous deferral of this thread, even when unwinding.
 struct DeferScope(Option<(usize, Pending)>);
 

@@ -24,6 +24,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -50,7 +51,7 @@ from prefect.server.worker_communication.cleanup_queue import (
 )
 from prefect.settings.context import get_current_settings
 
-from cleanup_queue._native import CleanupQueueError, Engine
+from cleanup_queue._native import CleanupQueueError, Engine, Pending
 
 __all__ = ["CleanupQueueError", "WorkerCleanupQueue", "open_engine"]
 
@@ -144,11 +145,92 @@ def _maybe(model: type[_M], text: str | None) -> _M | None:
     return None if text is None else model.model_validate_json(text)  # type: ignore[attr-defined]
 
 
+class _Durability:
+    """Waits for the durability of many deferred calls of one engine on one event loop with
+    one worker-thread hop per flush round: the calls run inline on the loop
+    (``Engine.defer``); while a worker thread waits for the newest of them, the loop keeps
+    running (and staging) others; when the flush returns, every call it covered is
+    completed (wakeups published) here, so a caller cancelled meanwhile still publishes."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.waiting: list[tuple[Pending, asyncio.Future[None]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def wait(self, pending: Pending) -> None:
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.waiting.append((pending, future))
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+        await future
+
+    def _complete(self, covered: list[tuple[Pending, asyncio.Future[None]]]) -> None:
+        for pending, future in covered:
+            try:
+                self.engine.complete(pending)
+            except BaseException as e:  # the flush failed: every covered call fails
+                if not future.done():
+                    future.set_exception(e)
+            else:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _run(self) -> None:
+        try:
+            while self.waiting:
+                # Calls on this loop commit in order: the last one has the newest ticket.
+                newest = self.waiting[-1][0]
+                failure: Exception | None = None
+                try:
+                    await self.loop.run_in_executor(
+                        _OPERATIONS, self.engine.wait_durable, newest
+                    )
+                except Exception as e:  # the flush failed (or the executor did)
+                    failure = e
+                # The round may also have covered calls staged while it ran.
+                covered = [w for w in self.waiting if self.engine.is_durable(w[0])]
+                rest = [w for w in self.waiting if w not in covered]
+                self.waiting = rest if failure is None else []
+                self._complete(covered)
+                if failure is not None:
+                    for _, future in rest:
+                        if not future.done():
+                            future.set_exception(failure)
+        finally:
+            self.task = None
+
+
 class WorkerCleanupQueue(_WorkerCleanupQueue):
     """Durable cleanup queue storage backed by the embedded Rust engine."""
 
     def __init__(self) -> None:
         self.engine: Engine = open_engine()
+        self._durability: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _Durability
+        ] = weakref.WeakKeyDictionary()
+
+    async def _mutate(self, fn: Callable[..., _M], *args: Any) -> _M:
+        """Runs the mutating ``fn(*args)`` inline on the event loop, then waits for its
+        durability (``fsync``, ``flush``) sharing one worker-thread hop per flush round
+        with every concurrent call (``_Durability``). A thread hop per call would cost more
+        than the engine's work for it; the flush itself is shared either way."""
+        engine = self.engine
+        engine.set_policy(*_policy())
+        if engine.returns_at_once:
+            return fn(*args)
+        value, error, pending = engine.defer(fn, *args)
+        if engine.is_durable(pending):
+            engine.complete(pending)
+        else:
+            loop = asyncio.get_running_loop()
+            durability = self._durability.get(loop)
+            if durability is None:
+                durability = self._durability[loop] = _Durability(engine, loop)
+            await durability.wait(pending)
+        if error is not None:
+            raise error
+        return value
 
     async def _call(self, fn: Callable[..., _M], *args: Any) -> _M:
         """Runs ``fn(*args)`` after pushing the current policy: in a worker thread when the
@@ -178,7 +260,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         data: Mapping[str, Any] | None = None,
         work_queue_id: UUID | None = None,
     ) -> CleanupQueueMessage:
-        duplicate, text = await self._call(
+        duplicate, text = await self._mutate(
             self.engine.enqueue,
             str(message_id),
             idempotency_key,
@@ -219,7 +301,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
             # it read is durable, else it says False and the call takes the normal path).
             reservation_text, expiry_text, scan_dead_letters = None, None, []
         else:
-            reservation_text, expiry_text, scan_dead_letters = await self._call(
+            reservation_text, expiry_text, scan_dead_letters = await self._mutate(
                 self.engine.reserve, *args
             )
         expiry = _maybe(CleanupQueueLeaseExpiryResult, expiry_text)
@@ -254,7 +336,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         *args: str,
     ) -> CleanupQueueOperationResult:
         result = CleanupQueueOperationResult.model_validate_json(
-            await self._call(fn, str(work_pool_id), str(message_id), *args)
+            await self._mutate(fn, str(work_pool_id), str(message_id), *args)
         )
         if result.dead_letter is not None:
             record_cleanup_queue_dead_letter(
@@ -324,7 +406,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
             return text
 
         result = CleanupQueueLeaseExpiryResult.model_validate_json(
-            await self._call(
+            await self._mutate(
                 expire_then_prune, None if work_pool_id is None else str(work_pool_id)
             )
         )
@@ -366,7 +448,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         )
 
     async def wake_dispatchers(self, work_pool_id: UUID) -> CleanupQueueWakeup:
-        sequence = await self._call(self.engine.wake_dispatchers, str(work_pool_id))
+        sequence = await self._mutate(self.engine.wake_dispatchers, str(work_pool_id))
         return CleanupQueueWakeup(work_pool_id=work_pool_id, sequence=sequence)
 
     async def read_wakeup_sequence(self, work_pool_id: UUID) -> int:

@@ -117,6 +117,17 @@ fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
+/// What [`Engine::defer`] left to do (`cleanup_queue::Pending`): wait for durability, then
+/// publish wakeups. Completed at most once.
+#[pyclass(frozen, module = "cleanup_queue._native")]
+struct Pending(std::sync::Mutex<Option<cleanup_queue::Pending>>);
+
+impl Pending {
+    fn take(&self) -> Option<cleanup_queue::Pending> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// One open database. Instances are meant to be shared (see `cleanup_queue.prefect`).
 #[pyclass(frozen, module = "cleanup_queue._native")]
 struct Engine {
@@ -237,6 +248,62 @@ impl Engine {
             }
         })
         .map_err(to_py)
+    }
+
+    /// Calls `fn(*args)`, in which this thread's mutating calls on this engine return without
+    /// waiting for durability (`Queue::deferred`). Returns `(value, error, pending)`: the
+    /// call's value (or `None`), the exception it raised (or `None`), and what is left to do
+    /// either way: nothing the call did may be reported before `complete(pending)`.
+    #[pyo3(signature = (f, *args))]
+    fn defer<'py>(
+        &self,
+        f: Bound<'py, PyAny>,
+        args: Bound<'py, pyo3::types::PyTuple>,
+    ) -> (Option<Bound<'py, PyAny>>, Option<PyErr>, Pending) {
+        let (result, pending) = self.queue.deferred(|| f.call1(args));
+        let pending = Pending(std::sync::Mutex::new(Some(pending)));
+        match result {
+            Ok(v) => (Some(v), None, pending),
+            Err(e) => (None, Some(e), pending),
+        }
+    }
+
+    /// `(transactions, flushes)` since the engine was opened (`Queue::commit_stats`).
+    fn commit_stats(&self) -> (u64, u64) {
+        let s = self.queue.commit_stats();
+        (s.transactions, s.flushes)
+    }
+
+    /// Whether `pending` is already durable (never waits).
+    fn is_durable(&self, pending: &Pending) -> bool {
+        match &*pending.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(p) => self.queue.is_durable(p),
+            None => true,
+        }
+    }
+
+    /// Blocks until `pending` is durable, without completing it (a waiter thread does this
+    /// once for many pending calls; each is then completed at once).
+    fn wait_durable(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
+        let ticket_only = pending
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|p| p.ticket_only());
+        match ticket_only {
+            Some(p) => py.detach(|| self.queue.complete(p)).map_err(to_py),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until `pending` is durable (at once if it is), then publishes its wakeups.
+    /// Raises if the write or flush failed. A second call does nothing.
+    fn complete(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
+        match pending.take() {
+            Some(p) => py.detach(|| self.queue.complete(p)).map_err(to_py),
+            None => Ok(()),
+        }
     }
 
     /// Returns `(duplicate, message_json)`.
@@ -487,6 +554,7 @@ impl Engine {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
+    m.add_class::<Pending>()?;
     m.add("CleanupQueueError", m.py().get_type::<CleanupQueueError>())?;
     Ok(())
 }

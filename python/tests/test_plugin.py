@@ -371,7 +371,8 @@ async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With buffered durability a call never waits for a flush, so the plug-in makes no
-    # thread hop; with fsync (the default) every call leaves the loop.
+    # thread hop; with fsync (the default) a write runs on the loop, then leaves it once to
+    # wait for its flush (shared with concurrent writes: see the next test).
     class NoThreads:
         used = 0
 
@@ -419,4 +420,45 @@ async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_
             target={"flow_run_id": "2"},
         )
     assert NoThreads.used == 1
+    plugin._forget_engine(tmp_path / "fsync")
+
+
+async def test_concurrent_durable_writes_share_their_thread_hops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Durable writes run on the loop; their flush waits are batched: one worker-thread hop
+    # per flush round, not one per call. Every call still returns only once durable, and
+    # the wakeups are published.
+    class Counting:
+        used = 0
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.used += 1
+            return self.inner.submit(*args, **kwargs)
+
+    monkeypatch.setattr(plugin, "_OPERATIONS", Counting(plugin._OPERATIONS))
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    q = WorkerCleanupQueue()
+    pool = uuid4()
+    calls = 32
+    before = q.engine.commit_stats()[1]
+
+    async def one(i: int) -> None:
+        await q.enqueue(
+            message_id=uuid4(),
+            idempotency_key=f"k{i}",
+            work_pool_id=pool,
+            kind=CANCELLING_TIMEOUT_TEARDOWN,
+            target={"flow_run_id": str(i)},
+        )
+
+    await asyncio.gather(*(one(i) for i in range(calls)))
+    flushes = q.engine.commit_stats()[1] - before
+    assert 1 <= Counting.used < calls, Counting.used
+    assert flushes <= Counting.used
+    assert await q.read_wakeup_sequence(pool) == calls
     plugin._forget_engine(tmp_path / "fsync")
