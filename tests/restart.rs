@@ -441,10 +441,9 @@ fn a_layout_1_database_is_migrated_on_open() {
     assert_eq!(stored_layout(&db), Some(vec![3u8]));
 }
 
-/// A crash between the two steps of the migration (old index dropped, the new layout not
-/// yet written) leaves layout 1 without the old index: the next open finishes the migration.
-#[test]
-fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_open() {
+/// Writes one message, rewrites the database as layout `from` (`alter` changes more),
+/// reopens it: the state is intact and the current layout (3) is recorded.
+fn reopening_migrates(from: u8, alter: impl FnOnce(&sled::Db)) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let clock = clock();
@@ -453,9 +452,7 @@ fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_ope
         let q = path_builder(&path, &clock).open().unwrap();
         enqueue_new(&q, pool, "k")
     };
-    set_layout(&path, 1, |db| {
-        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"leases"));
-    });
+    set_layout(&path, from, alter);
     {
         let q = path_builder(&path, &clock).open().unwrap();
         assert_clean(&q);
@@ -465,26 +462,20 @@ fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_ope
     assert_eq!(stored_layout(&db), Some(vec![3u8]));
 }
 
+/// A crash between the two steps of the migration (old index dropped, the new layout not
+/// yet written) leaves layout 1 without the old index: the next open finishes the migration.
+#[test]
+fn a_migration_interrupted_after_dropping_the_old_index_finishes_on_the_next_open() {
+    reopening_migrates(1, |db| {
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"leases"));
+    });
+}
+
 /// Layout 2 differs from layout 3 only in never holding a batch journal: opening it records
 /// layout 3 (which older engines, that would not replay a journal, refuse) and keeps all.
 #[test]
 fn a_layout_2_database_is_migrated_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let clock = clock();
-    let pool = uuid();
-    let id = {
-        let q = path_builder(&path, &clock).open().unwrap();
-        enqueue_new(&q, pool, "k")
-    };
-    set_layout(&path, 2, |_| {});
-    {
-        let q = path_builder(&path, &clock).open().unwrap();
-        assert_clean(&q);
-        assert!(q.read_message(pool, id).unwrap().is_some());
-    }
-    let db = raw_sled(&path);
-    assert_eq!(stored_layout(&db), Some(vec![3u8]));
+    reopening_migrates(2, |_| {});
 }
 
 /// A batch journal that does not decode is refused with a typed error naming it, before
