@@ -1005,7 +1005,8 @@ impl Inner {
         self.store
             .wait_durable_gathering(c.ticket, || self.gather())?;
         for (pool, v) in c.wakes {
-            self.wakeups.publish(pool, v, || self.stored_wakeup(pool))?;
+            // Durable now; the stored value may already hold a later, not yet durable bump.
+            self.wakeups.publish(pool, v, || Ok(v))?;
         }
         Ok(())
     }

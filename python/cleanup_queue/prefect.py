@@ -150,26 +150,33 @@ class _Durability:
     one worker-thread hop per flush round: the calls run inline on the loop
     (``Engine.defer``); while a worker thread waits for the newest of them, the loop keeps
     running (and staging) others; when the flush returns, every call it covered is
-    completed (wakeups published) here, so a caller cancelled meanwhile still publishes."""
+    completed (wakeups published) here, so a caller cancelled meanwhile still publishes.
+    One per (loop, engine): ``_durability``."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.loop = loop
         self.waiting: list[tuple[Pending, asyncio.Future[None]]] = []
         self.task: asyncio.Task[None] | None = None
 
     async def wait(self, pending: Pending) -> None:
-        future: asyncio.Future[None] = self.loop.create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self.waiting.append((pending, future))
-        if self.task is None:
-            self.task = self.loop.create_task(self._run())
-        await future
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+        try:
+            await future
+        except asyncio.CancelledError:
+            # The caller is gone, but its write still becomes durable: its wakeups are
+            # published off the loop once it is (completing twice does nothing).
+            _OPERATIONS.submit(self.engine.complete, pending)
+            raise
 
     def _complete(self, covered: list[tuple[Pending, asyncio.Future[None]]]) -> None:
         for pending, future in covered:
             try:
                 self.engine.complete(pending)
-            except BaseException as e:  # the flush failed: every covered call fails
+            except Exception as e:  # the flush failed: every covered call fails
                 if not future.done():
                     future.set_exception(e)
             else:
@@ -177,28 +184,52 @@ class _Durability:
                     future.set_result(None)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self.waiting:
                 # Calls on this loop commit in order: the last one has the newest ticket.
                 newest = self.waiting[-1][0]
                 failure: Exception | None = None
                 try:
-                    await self.loop.run_in_executor(
+                    await loop.run_in_executor(
                         _OPERATIONS, self.engine.wait_durable, newest
                     )
                 except Exception as e:  # the flush failed (or the executor did)
                     failure = e
                 # The round may also have covered calls staged while it ran.
-                covered = [w for w in self.waiting if self.engine.is_durable(w[0])]
-                rest = [w for w in self.waiting if w not in covered]
+                covered, rest = [], []
+                for w in self.waiting:
+                    (covered if self.engine.is_durable(w[0]) else rest).append(w)
                 self.waiting = rest if failure is None else []
                 self._complete(covered)
                 if failure is not None:
                     for _, future in rest:
                         if not future.done():
                             future.set_exception(failure)
+        except BaseException:
+            # Cancelled (the loop is shutting down): the calls still waiting cannot be told,
+            # but their writes still become durable and their wakeups must be published.
+            waiting, self.waiting = self.waiting, []
+            for pending, future in waiting:
+                _OPERATIONS.submit(self.engine.complete, pending)
+                future.cancel()
+            raise
         finally:
-            self.task = None
+            self.task = None  # also lets a closed loop be freed
+
+
+# Per event loop (weakly: a closed loop is freed), per engine.
+_DURABILITY: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[Engine, _Durability]
+] = weakref.WeakKeyDictionary()
+
+
+def _durability(engine: Engine) -> _Durability:
+    per_engine = _DURABILITY.setdefault(asyncio.get_running_loop(), {})
+    durability = per_engine.get(engine)
+    if durability is None:
+        durability = per_engine[engine] = _Durability(engine)
+    return durability
 
 
 class WorkerCleanupQueue(_WorkerCleanupQueue):
@@ -206,9 +237,6 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
 
     def __init__(self) -> None:
         self.engine: Engine = open_engine()
-        self._durability: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, _Durability
-        ] = weakref.WeakKeyDictionary()
 
     async def _mutate(self, fn: Callable[..., _M], *args: Any) -> _M:
         """Runs the mutating ``fn(*args)`` inline on the event loop, then waits for its
@@ -223,11 +251,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         if engine.is_durable(pending):
             engine.complete(pending)
         else:
-            loop = asyncio.get_running_loop()
-            durability = self._durability.get(loop)
-            if durability is None:
-                durability = self._durability[loop] = _Durability(engine, loop)
-            await durability.wait(pending)
+            await _durability(engine).wait(pending)
         if error is not None:
             raise error
         return value

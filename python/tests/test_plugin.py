@@ -4,6 +4,7 @@ it, plus what the plug-in itself promises (errors, metrics hooks, sharing, cance
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -461,4 +462,38 @@ async def test_concurrent_durable_writes_share_their_thread_hops(
     assert 1 <= Counting.used < calls, Counting.used
     assert flushes <= Counting.used
     assert await q.read_wakeup_sequence(pool) == calls
+    plugin._forget_engine(tmp_path / "fsync")
+
+
+def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A durable write whose caller (and the loop's durability task) is cancelled while it
+    # waits for its flush still becomes durable and still wakes the pool; the closed loops
+    # are freed.
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    q = WorkerCleanupQueue()
+    pool = uuid4()
+    assert q.engine.read_wakeup_sequence(str(pool)) == 0  # a dispatcher is watching
+
+    async def cut_off(i: int) -> None:
+        task = asyncio.ensure_future(
+            q.enqueue(
+                message_id=uuid4(),
+                idempotency_key=f"k{i}",
+                work_pool_id=pool,
+                kind=CANCELLING_TIMEOUT_TEARDOWN,
+                target={"flow_run_id": str(i)},
+            )
+        )
+        await asyncio.sleep(0)  # the write ran on the loop and now waits for its flush
+        assert not task.done()
+        # Returning leaves the task pending: asyncio.run cancels it and closes the loop.
+
+    for i in range(3):
+        asyncio.run(cut_off(i))
+        assert q.engine.wait_for_wakeup(str(pool), i, 5.0) == i + 1
+    gc.collect()
+    assert len(plugin._DURABILITY) == 0
     plugin._forget_engine(tmp_path / "fsync")
