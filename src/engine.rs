@@ -394,10 +394,16 @@ impl Queue {
     /// Waits until `pending`'s writes are durable (sharing flushes with every concurrent
     /// caller), then publishes its wakeups.
     pub fn complete(&self, pending: Pending) -> Result<()> {
-        self.inner().finish_now(Committed {
-            ticket: pending.ticket,
-            wakes: pending.wakes,
-        })
+        self.inner().finish_now(pending)
+    }
+
+    /// Waits until `pending`'s writes are durable without completing it (a caller waiting
+    /// once for many pending records completes each afterwards, at once).
+    pub fn wait_durable(&self, pending: &Pending) -> Result<()> {
+        let inner = self.inner();
+        inner
+            .store
+            .wait_durable_gathering(pending.ticket, || inner.gather())
     }
 
     /// The active (visible or reserved) message, only from its own pool.
@@ -609,24 +615,15 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// What [`Queue::deferred`] left to do: wait until the operations' writes are durable,
-/// then publish their wakeups ([`Queue::complete`]).
+/// What committed operations have left to do: wait until their writes are durable (the
+/// ticket), then publish their wakeups. Every mutating step finishes its own at once;
+/// [`Queue::deferred`] hands the merged record of its operations to the caller, who passes
+/// it to [`Queue::complete`].
 #[must_use = "a pending completion must be passed to Queue::complete"]
 #[derive(Debug, Default)]
 pub struct Pending {
-    ticket: u64,
+    pub(crate) ticket: u64,
     wakes: Vec<(Uuid, u64)>,
-}
-
-impl Pending {
-    /// The same durability wait without the wakeups: completing it waits for this pending
-    /// record's writes and publishes nothing (the record itself is completed later).
-    pub fn ticket_only(&self) -> Pending {
-        Pending {
-            ticket: self.ticket,
-            wakes: Vec::new(),
-        }
-    }
 }
 
 /// Restores the previous deferral of this thread, even when unwinding.
@@ -660,13 +657,6 @@ pub(crate) struct Txn<'a> {
     next_seq: u64,
     wakes: Vec<(Uuid, u64)>,
     counts: Vec<Counter>,
-}
-
-/// A committed step: wait for `ticket`, then publish `wakes`.
-#[must_use]
-pub(crate) struct Committed {
-    pub(crate) ticket: u64,
-    wakes: Vec<(Uuid, u64)>,
 }
 
 impl<'a> Txn<'a> {
@@ -731,11 +721,11 @@ impl<'a> Txn<'a> {
         Ok(next)
     }
 
-    pub(crate) fn commit(mut self) -> Result<Committed> {
+    pub(crate) fn commit(mut self) -> Result<Pending> {
         if self.ws.is_empty() && self.wakes.is_empty() {
             // Nothing to write: the counts wait in memory for a later transaction.
             self.writer.add_counts(self.counts, false);
-            return Ok(Committed {
+            return Ok(Pending {
                 ticket: self.store.last_ticket(),
                 wakes: Vec::new(),
             });
@@ -769,7 +759,7 @@ impl<'a> Txn<'a> {
         for (pool, v) in &self.wakes {
             self.writer.wake.insert(*pool, *v);
         }
-        Ok(Committed {
+        Ok(Pending {
             ticket,
             wakes: self.wakes,
         })
@@ -985,7 +975,7 @@ impl Inner {
     }
 
     /// After the writer lock is released: durability, then wakeups.
-    pub(crate) fn finish(&self, c: Committed) -> Result<()> {
+    pub(crate) fn finish(&self, c: Pending) -> Result<()> {
         let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
             Some((owner, pending)) if *owner == self as *const Inner as usize => {
                 pending.ticket = pending.ticket.max(c.ticket);
@@ -1001,7 +991,7 @@ impl Inner {
     }
 
     /// [`finish`](Inner::finish), never deferred.
-    fn finish_now(&self, c: Committed) -> Result<()> {
+    fn finish_now(&self, c: Pending) -> Result<()> {
         self.store
             .wait_durable_gathering(c.ticket, || self.gather())?;
         for (pool, v) in c.wakes {
@@ -1164,7 +1154,7 @@ impl Inner {
         now: Timestamp,
         policy: &Policy,
         out: &mut Reserved,
-    ) -> Result<Committed> {
+    ) -> Result<Pending> {
         let mut handled = HashSet::new();
         'passes: for (tree, prefixes) in reserve_passes(pool, filter) {
             let mut heads: Vec<IndexIter> = prefixes

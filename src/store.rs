@@ -144,15 +144,15 @@ type Entry = (Vec<u8>, Option<Vec<u8>>);
 #[derive(Default)]
 struct Overlay {
     trees: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; TreeId::ALL.len()],
-    /// Keys held, over all trees.
-    len: usize,
 }
 
 impl Overlay {
     fn insert(&mut self, tree: TreeId, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if self.trees[tree as usize].insert(key, value).is_none() {
-            self.len += 1;
-        }
+        self.trees[tree as usize].insert(key, value);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.trees.iter().all(BTreeMap::is_empty)
     }
 
     fn writes(&self) -> Vec<Write<'_>> {
@@ -572,7 +572,7 @@ impl Store {
             let mut st = lock(&self.staged);
             let target = self.issued.load(Ordering::SeqCst);
             let taken = self.taken.swap(target, Ordering::SeqCst);
-            if st.current.len == 0 {
+            if st.current.is_empty() {
                 return Ok(target);
             }
             self.last_batch.store(target - taken, Ordering::SeqCst);

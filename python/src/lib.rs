@@ -144,14 +144,15 @@ impl Engine {
     }
 }
 
-/// `fsync`, `flush` or `buffered:<milliseconds>`.
-/// A reserve filter from Prefect's arguments; unknown kinds match nothing (dropped).
-fn reserve_filter(
+/// The pool and reserve filter from Prefect's arguments; unknown kinds match nothing
+/// (dropped).
+fn reserve_args(
+    work_pool_id: &str,
     cleanup_kinds: Option<Vec<String>>,
     preferred_work_queue_ids: Option<Vec<String>>,
     allow_fallback_to_any_queue: bool,
-) -> PyResult<ReserveFilter> {
-    Ok(ReserveFilter {
+) -> PyResult<(Uuid, ReserveFilter)> {
+    let filter = ReserveFilter {
         cleanup_kinds: cleanup_kinds.map(|ks| {
             ks.iter()
                 .filter_map(|k| CleanupKind::from_str(k).ok())
@@ -161,9 +162,11 @@ fn reserve_filter(
             .map(|qs| qs.iter().map(|q| uuid(q)).collect::<PyResult<Vec<_>>>())
             .transpose()?,
         allow_fallback_to_any_queue,
-    })
+    };
+    Ok((uuid(work_pool_id)?, filter))
 }
 
+/// `fsync`, `flush` or `buffered:<milliseconds>`.
 fn parse_durability(text: &str) -> PyResult<Durability> {
     let bad = || {
         PyValueError::new_err(format!(
@@ -285,14 +288,10 @@ impl Engine {
     /// Blocks until `pending` is durable, without completing it (a waiter thread does this
     /// once for many pending calls; each is then completed at once).
     fn wait_durable(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
-        let ticket_only = pending
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|p| p.ticket_only());
-        match ticket_only {
-            Some(p) => py.detach(|| self.queue.complete(p)).map_err(to_py),
+        // Held while waiting: a `complete` of this record from another thread waits for it.
+        let guard = pending.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Some(p) => py.detach(|| self.queue.wait_durable(p)).map_err(to_py),
             None => Ok(()),
         }
     }
@@ -348,8 +347,8 @@ impl Engine {
         preferred_work_queue_ids: Option<Vec<String>>,
         allow_fallback_to_any_queue: bool,
     ) -> PyResult<(Option<String>, Option<String>, Vec<String>)> {
-        let pool = uuid(work_pool_id)?;
-        let filter = reserve_filter(
+        let (pool, filter) = reserve_args(
+            work_pool_id,
             cleanup_kinds,
             preferred_work_queue_ids,
             allow_fallback_to_any_queue,
@@ -381,8 +380,8 @@ impl Engine {
         preferred_work_queue_ids: Option<Vec<String>>,
         allow_fallback_to_any_queue: bool,
     ) -> PyResult<bool> {
-        let pool = uuid(work_pool_id)?;
-        let filter = reserve_filter(
+        let (pool, filter) = reserve_args(
+            work_pool_id,
             cleanup_kinds,
             preferred_work_queue_ids,
             allow_fallback_to_any_queue,

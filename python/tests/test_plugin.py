@@ -336,13 +336,7 @@ async def test_durability_comes_from_the_environment(
     monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "buffered:200")
     q = WorkerCleanupQueue()
     pool, message_id = uuid4(), uuid4()
-    await q.enqueue(
-        message_id=message_id,
-        idempotency_key="k",
-        work_pool_id=pool,
-        kind=CANCELLING_TIMEOUT_TEARDOWN,
-        target={"flow_run_id": "1"},
-    )
+    await enqueue(q, pool, message_id=message_id, idempotency_key="k")
     plugin._forget_engine(path)
     del q
     import gc
@@ -387,13 +381,7 @@ async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_
     q = WorkerCleanupQueue()
     assert q.engine.returns_at_once
     pool, message_id = uuid4(), uuid4()
-    await q.enqueue(
-        message_id=message_id,
-        idempotency_key="k",
-        work_pool_id=pool,
-        kind=CANCELLING_TIMEOUT_TEARDOWN,
-        target={"flow_run_id": "1"},
-    )
+    await enqueue(q, pool, message_id=message_id, idempotency_key="k")
     reservation = await q.reserve(work_pool_id=pool)
     assert reservation is not None and reservation.message_id == message_id
     ack = await q.ack(
@@ -413,13 +401,7 @@ async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_
     assert await durable.reserve(work_pool_id=pool) is None
     assert NoThreads.used == 0
     with pytest.raises(AssertionError, match="no worker thread expected"):
-        await durable.enqueue(
-            message_id=uuid4(),
-            idempotency_key="k2",
-            work_pool_id=pool,
-            kind=CANCELLING_TIMEOUT_TEARDOWN,
-            target={"flow_run_id": "2"},
-        )
+        await enqueue(durable, pool, idempotency_key="k2")
     assert NoThreads.used == 1
     plugin._forget_engine(tmp_path / "fsync")
 
@@ -448,16 +430,7 @@ async def test_concurrent_durable_writes_share_their_thread_hops(
     calls = 32
     before = q.engine.commit_stats()[1]
 
-    async def one(i: int) -> None:
-        await q.enqueue(
-            message_id=uuid4(),
-            idempotency_key=f"k{i}",
-            work_pool_id=pool,
-            kind=CANCELLING_TIMEOUT_TEARDOWN,
-            target={"flow_run_id": str(i)},
-        )
-
-    await asyncio.gather(*(one(i) for i in range(calls)))
+    await asyncio.gather(*(enqueue(q, pool, idempotency_key=f"k{i}") for i in range(calls)))
     flushes = q.engine.commit_stats()[1] - before
     assert 1 <= Counting.used < calls, Counting.used
     assert flushes <= Counting.used
@@ -478,15 +451,7 @@ def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
     assert q.engine.read_wakeup_sequence(str(pool)) == 0  # a dispatcher is watching
 
     async def cut_off(i: int) -> None:
-        task = asyncio.ensure_future(
-            q.enqueue(
-                message_id=uuid4(),
-                idempotency_key=f"k{i}",
-                work_pool_id=pool,
-                kind=CANCELLING_TIMEOUT_TEARDOWN,
-                target={"flow_run_id": str(i)},
-            )
-        )
+        task = asyncio.ensure_future(enqueue(q, pool, idempotency_key=f"k{i}"))
         await asyncio.sleep(0)  # the write ran on the loop and now waits for its flush
         assert not task.done()
         # Returning leaves the task pending: asyncio.run cancels it and closes the loop.
