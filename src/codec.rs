@@ -8,6 +8,8 @@
 //! | counters (`wakeups`, `meta/seq`) | u64 big-endian |
 //! | `meta/format`      | one byte, the key layout (`keys::LAYOUT`) |
 //! | `meta/journal`     | `JOURNAL_V1`, the number of writes (u32 BE), then per write: tree index (1), key length (u32 BE), key, then `0` (delete) or `1`, value length (u32 BE), value |
+//! | `meta/wal`         | u64 BE, the write-ahead log's current generation (`wal`) |
+//! | a `wal` file record | payload length (u32 BE), CRC-32 of the next 8 bytes and the payload (u32 BE), generation (u64 BE), payload: a batch as in `meta/journal` |
 //!
 //! `target` and `data` are stored as JSON text inside the record: bincode cannot round-trip
 //! `serde_json::Value`.
@@ -157,6 +159,95 @@ pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalWrite>, String> 
     Ok(out)
 }
 
+/// The bytes before a write-ahead log record's payload: its length, its CRC-32, its
+/// generation.
+pub(crate) const WAL_HEADER: usize = 16;
+
+/// Appends one write-ahead log record holding `payload` to `out`.
+pub(crate) fn encode_wal_record(
+    generation: u64,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?;
+    let generation = generation.to_be_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&generation);
+    crc.update(payload);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&crc.finalize().to_be_bytes());
+    out.extend_from_slice(&generation);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// What is at `at` in a write-ahead log.
+enum WalRecord<'a> {
+    /// A record of the generation sought: its payload, and where the next record starts.
+    Valid(&'a [u8], usize),
+    /// The end of the log: no header fits, or the header is of another generation (zeros
+    /// where nothing was written yet, or a record of an earlier generation).
+    End,
+    /// A header of this generation whose record does not fit in the file or fails its
+    /// checksum; where the next record would start if its length is right.
+    Damaged(Option<usize>),
+}
+
+fn wal_record_at(bytes: &[u8], at: usize, generation: u64) -> WalRecord<'_> {
+    let Some(header) = bytes.get(at..).and_then(|b| b.get(..WAL_HEADER)) else {
+        return WalRecord::End;
+    };
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (len, crc) = (word(0) as usize, word(4));
+    if header[8..] != generation.to_be_bytes() {
+        return WalRecord::End;
+    }
+    let start = at + WAL_HEADER;
+    let Some(payload) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
+        return WalRecord::Damaged(None);
+    };
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[8..]);
+    hasher.update(payload);
+    if hasher.finalize() != crc {
+        return WalRecord::Damaged(Some(start + len));
+    }
+    WalRecord::Valid(payload, start + len)
+}
+
+/// The payloads of the records of `generation` at the start of a write-ahead log, in order.
+///
+/// The log ends at the first header of another generation, or at a damaged record that is
+/// the last of its generation: a crash while it was being written (it was never
+/// acknowledged). A damaged record followed by a valid one of the same generation is not a
+/// torn tail but damage inside the log, and an error: replaying past it or stopping at it
+/// would both lose acknowledged operations silently. Generation 0 is never written, so a
+/// zero-filled file is an empty log.
+pub(crate) fn decode_wal(bytes: &[u8], generation: u64) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        match wal_record_at(bytes, at, generation) {
+            WalRecord::Valid(payload, next) => {
+                out.push(payload);
+                at = next;
+            }
+            WalRecord::End => return Ok(out),
+            WalRecord::Damaged(next) => {
+                let followed = next.map(|n| wal_record_at(bytes, n, generation));
+                if let Some(WalRecord::Valid(..)) = followed {
+                    return Err(format!(
+                        "the record at offset {at} fails its checksum, yet valid records follow it"
+                    ));
+                }
+                return Ok(out);
+            }
+        }
+    }
+}
+
 /// One line of an export file (JSON lines). Indexes are not exported: they follow from
 /// the records.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -201,6 +292,70 @@ mod tests {
     use crate::clock::Timestamp;
     use crate::machine::State;
     use crate::model::CleanupKind;
+
+    fn wal(generation: u64, payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            encode_wal_record(generation, p, &mut out).expect("encode");
+        }
+        out
+    }
+
+    #[test]
+    fn write_ahead_logs_end_at_another_generation_or_a_torn_last_record() {
+        let payloads: [&[u8]; 3] = [b"first", b"", b"third batch"];
+        let mut bytes = wal(7, &payloads);
+        assert_eq!(decode_wal(&bytes, 7).expect("decode"), payloads);
+        assert_eq!(
+            decode_wal(&bytes, 8).expect("other generation"),
+            Vec::<&[u8]>::new()
+        );
+        assert_eq!(decode_wal(&[], 7).expect("empty"), Vec::<&[u8]>::new());
+        assert_eq!(
+            decode_wal(&[0; 64], 0).expect("zeros"),
+            Vec::<&[u8]>::new(),
+            "zeros"
+        );
+        // Zeros after the end, or a record of an earlier generation, end the log.
+        let full = bytes.len();
+        bytes.extend_from_slice(&[0; 40]);
+        assert_eq!(decode_wal(&bytes, 7).expect("zeros after").len(), 3);
+        bytes.truncate(full);
+        bytes.extend(wal(6, &[b"stale"]));
+        assert_eq!(decode_wal(&bytes, 7).expect("stale after").len(), 3);
+        bytes.truncate(full);
+        // Every cut inside the last record drops that record only.
+        let last = full - WAL_HEADER - payloads[2].len();
+        for cut in last..full {
+            assert_eq!(
+                decode_wal(&bytes[..cut], 7).expect("torn").len(),
+                2,
+                "{cut}"
+            );
+        }
+        // A damaged last record (the tail of a torn write) is dropped, even with stale
+        // bytes after it.
+        let mut torn = bytes.clone();
+        torn[full - 1] ^= 1;
+        torn.extend(wal(6, &[b"stale"]));
+        assert_eq!(decode_wal(&torn, 7).expect("damaged tail").len(), 2);
+    }
+
+    #[test]
+    fn damage_inside_a_write_ahead_log_is_an_error() {
+        let mut bytes = wal(3, &[b"one", b"two", b"three"]);
+        bytes[WAL_HEADER] ^= 0x20;
+        let e = decode_wal(&bytes, 3).expect_err("damaged first record");
+        assert!(
+            e.contains("offset 0") && e.contains("valid records follow"),
+            "{e}"
+        );
+        let second = WAL_HEADER + 3;
+        let mut bytes = wal(3, &[b"one", b"two", b"three"]);
+        bytes[second + 4] ^= 1;
+        let e = decode_wal(&bytes, 3).expect_err("damaged checksum");
+        assert!(e.contains(&format!("offset {second}")), "{e}");
+    }
 
     #[test]
     fn journals_round_trip_and_damaged_ones_are_errors() {

@@ -14,7 +14,7 @@
 //! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | id(16)        | expiry, most overdue first: of one pool by one range; across pools by one range per pool that holds leases |
 //! | `tombstones`       | completed_at(8) pool(16) id(16)                  | empty         | pruning acked messages past retention, oldest first |
 //! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
-//! | `meta`             | `b"format"` / `b"seq"` / `b"journal"`            | u8 / u64 / batch | layout version (`LAYOUT`); the next `seq`; a batch being applied (`codec::encode_journal`) |
+//! | `meta`             | `b"format"` / `b"seq"` / `b"journal"` / `b"wal"` | u8 / u64 / batch / u64 | layout version (`LAYOUT`); the next `seq`; a batch being applied (`codec::encode_journal`); the write-ahead log's generation |
 //! | `metrics`          | family `\0` label `\0` label (`op`, `dlq`, `exp`)  | u64           | persisted counters |
 //! | `redrives`         | pool(16) id(16) seq(8)                           | audit JSON    | who redrove a dead letter, when and why |
 //!
@@ -92,13 +92,18 @@ pub(crate) const META_FORMAT: &[u8] = b"format";
 pub(crate) const META_SEQ: &[u8] = b"seq";
 /// Present only while a batch of writes is being applied (`Store::apply`).
 pub(crate) const META_JOURNAL: &[u8] = b"journal";
+/// The write-ahead log's current generation (`Store::recover_wal`).
+pub(crate) const META_WAL: &[u8] = b"wal";
 
-/// The key layout in `meta/format`. Layout 3 may hold `meta/journal`, which must be replayed
-/// on open; layout 2 never does, and older engines, which would not replay it, refuse
-/// layout 3. Layout 1 also kept a global `leases` index (`lease_expires_at seq -> pool id`).
-/// Opening a layout 1 or 2 database migrates it (`Store::open`).
-pub(crate) const LAYOUT: u8 = 3;
+/// The key layout in `meta/format`. Layout 4 may have a write-ahead log (the `wal` file and
+/// `meta/wal`) whose records must be applied on open; layout 3 never has, and older engines,
+/// which would not apply them, refuse layout 4. Layouts 3 and 4 may hold `meta/journal`,
+/// which must be replayed on open; layout 2 never does. Layout 1 also kept a global `leases`
+/// index (`lease_expires_at seq -> pool id`). Opening a layout 1, 2 or 3 database migrates
+/// it (`Store::open`).
+pub(crate) const LAYOUT: u8 = 4;
 /// The layouts that `Store::open` migrates from, and the tree layout 1 also had.
+pub(crate) const LAYOUT_V3: u8 = 3;
 pub(crate) const LAYOUT_V2: u8 = 2;
 pub(crate) const LAYOUT_V1: u8 = 1;
 pub(crate) const LAYOUT_V1_LEASES: &str = "leases";

@@ -53,6 +53,7 @@ mod policy;
 mod store;
 mod sweeper;
 mod wakeup;
+mod wal;
 
 pub use admin::RedriveTarget;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
