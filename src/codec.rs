@@ -8,8 +8,8 @@
 //! | counters (`wakeups`, `meta/seq`) | u64 big-endian |
 //! | `meta/format`      | one byte, the key layout (`keys::LAYOUT`) |
 //! | `meta/journal`     | `JOURNAL_V1`, the number of writes (u32 BE), then per write: tree index (1), key length (u32 BE), key, then `0` (delete) or `1`, value length (u32 BE), value |
-//! | `meta/wal`         | u64 BE, the write-ahead log's current generation (`wal`) |
-//! | a `wal` file record | payload length (u32 BE), CRC-32 of the next 8 bytes and the payload (u32 BE), generation (u64 BE), payload: a batch as in `meta/journal` |
+//! | `meta/wal`         | u64 BE, the id of the write-ahead log's current generation (`wal`; random, never 0) |
+//! | a `wal` file record | payload length (u32 BE), CRC-32 of the length, the generation id and the payload (u32 BE), generation id (u64 BE), payload: a batch as in `meta/journal` |
 //!
 //! `target` and `data` are stored as JSON text inside the record: bincode cannot round-trip
 //! `serde_json::Value`.
@@ -160,8 +160,16 @@ pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalWrite>, String> 
 }
 
 /// The bytes before a write-ahead log record's payload: its length, its CRC-32, its
-/// generation.
+/// generation id.
 pub(crate) const WAL_HEADER: usize = 16;
+
+fn wal_crc(len: &[u8], generation: &[u8], payload: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(len);
+    crc.update(generation);
+    crc.update(payload);
+    crc.finalize()
+}
 
 /// Appends one write-ahead log record holding `payload` to `out`.
 pub(crate) fn encode_wal_record(
@@ -170,81 +178,58 @@ pub(crate) fn encode_wal_record(
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
     let len = u32::try_from(payload.len())
-        .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?;
+        .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?
+        .to_be_bytes();
     let generation = generation.to_be_bytes();
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&generation);
-    crc.update(payload);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&crc.finalize().to_be_bytes());
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&wal_crc(&len, &generation, payload).to_be_bytes());
     out.extend_from_slice(&generation);
     out.extend_from_slice(payload);
     Ok(())
 }
 
-/// What is at `at` in a write-ahead log.
-enum WalRecord<'a> {
-    /// A record of the generation sought: its payload, and where the next record starts.
-    Valid(&'a [u8], usize),
-    /// The end of the log: no header fits, or the header is of another generation (zeros
-    /// where nothing was written yet, or a record of an earlier generation).
-    End,
-    /// A header of this generation whose record does not fit in the file or fails its
-    /// checksum; where the next record would start if its length is right.
-    Damaged(Option<usize>),
-}
-
-fn wal_record_at(bytes: &[u8], at: usize, generation: u64) -> WalRecord<'_> {
-    let Some(header) = bytes.get(at..).and_then(|b| b.get(..WAL_HEADER)) else {
-        return WalRecord::End;
-    };
+/// The valid record of generation `generation` at `at`, if there is one: its payload, and
+/// where the next record starts.
+fn wal_record_at(bytes: &[u8], at: usize, generation: u64) -> Option<(&[u8], usize)> {
+    let header = bytes.get(at..)?.get(..WAL_HEADER)?;
+    if header[8..] != generation.to_be_bytes() {
+        return None;
+    }
     let word =
         |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-    let (len, crc) = (word(0) as usize, word(4));
-    if header[8..] != generation.to_be_bytes() {
-        return WalRecord::End;
-    }
     let start = at + WAL_HEADER;
-    let Some(payload) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
-        return WalRecord::Damaged(None);
-    };
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[8..]);
-    hasher.update(payload);
-    if hasher.finalize() != crc {
-        return WalRecord::Damaged(Some(start + len));
-    }
-    WalRecord::Valid(payload, start + len)
+    let end = start.checked_add(word(0) as usize)?;
+    let payload = bytes.get(start..end)?;
+    (wal_crc(&header[..4], &header[8..], payload) == word(4)).then_some((payload, end))
 }
 
-/// The payloads of the records of `generation` at the start of a write-ahead log, in order.
+/// The payloads of the records of generation `generation` at the start of a write-ahead
+/// log, in order.
 ///
-/// The log ends at the first header of another generation, or at a damaged record that is
-/// the last of its generation: a crash while it was being written (it was never
-/// acknowledged). A damaged record followed by a valid one of the same generation is not a
-/// torn tail but damage inside the log, and an error: replaying past it or stopping at it
-/// would both lose acknowledged operations silently. Generation 0 is never written, so a
-/// zero-filled file is an empty log.
+/// The log ends at the first offset that does not hold a valid record of the generation:
+/// zeros where nothing was written yet, a record (or the middle of one) of an earlier
+/// generation, or a record torn by a crash while it was written (never acknowledged). Each
+/// generation has a random id, so neither stale bytes nor payloads hold one by chance.
+/// Since every record is on disk before the next is written, a valid record of the
+/// generation anywhere after the end means the end is damage inside the log, not a torn
+/// tail: that is an error, as replaying past it or stopping at it would both lose
+/// acknowledged operations silently. Id 0 is never used, so a zero-filled file is empty.
 pub(crate) fn decode_wal(bytes: &[u8], generation: u64) -> Result<Vec<&[u8]>, String> {
     let mut out = Vec::new();
     let mut at = 0;
-    loop {
-        match wal_record_at(bytes, at, generation) {
-            WalRecord::Valid(payload, next) => {
-                out.push(payload);
-                at = next;
-            }
-            WalRecord::End => return Ok(out),
-            WalRecord::Damaged(next) => {
-                let followed = next.map(|n| wal_record_at(bytes, n, generation));
-                if let Some(WalRecord::Valid(..)) = followed {
-                    return Err(format!(
-                        "the record at offset {at} fails its checksum, yet valid records follow it"
-                    ));
-                }
-                return Ok(out);
-            }
-        }
+    while let Some((payload, next)) = wal_record_at(bytes, at, generation) {
+        out.push(payload);
+        at = next;
+    }
+    let id = generation.to_be_bytes();
+    let later = (at + 1..bytes.len().saturating_sub(WAL_HEADER - 1))
+        .filter(|o| bytes[o + 8..o + 16] == id)
+        .find(|o| wal_record_at(bytes, *o, generation).is_some());
+    match later {
+        Some(o) => Err(format!(
+            "the log holds no valid record at offset {at}, yet a valid one at offset {o}"
+        )),
+        None => Ok(out),
     }
 }
 
@@ -312,7 +297,7 @@ mod tests {
         );
         assert_eq!(decode_wal(&[], 7).expect("empty"), Vec::<&[u8]>::new());
         assert_eq!(
-            decode_wal(&[0; 64], 0).expect("zeros"),
+            decode_wal(&[0; 64], 7).expect("zeros"),
             Vec::<&[u8]>::new(),
             "zeros"
         );
@@ -341,20 +326,41 @@ mod tests {
         assert_eq!(decode_wal(&torn, 7).expect("damaged tail").len(), 2);
     }
 
+    /// Damage anywhere before the last valid record is refused, however it hits: a
+    /// checksum, a length (the next header is then looked for in the wrong place), a
+    /// generation id, or a span of zeros across several records.
     #[test]
     fn damage_inside_a_write_ahead_log_is_an_error() {
-        let mut bytes = wal(3, &[b"one", b"two", b"three"]);
-        bytes[WAL_HEADER] ^= 0x20;
-        let e = decode_wal(&bytes, 3).expect_err("damaged first record");
-        assert!(
-            e.contains("offset 0") && e.contains("valid records follow"),
-            "{e}"
-        );
-        let second = WAL_HEADER + 3;
-        let mut bytes = wal(3, &[b"one", b"two", b"three"]);
-        bytes[second + 4] ^= 1;
-        let e = decode_wal(&bytes, 3).expect_err("damaged checksum");
-        assert!(e.contains(&format!("offset {second}")), "{e}");
+        const ID: u64 = 0x5eed_1234_abcd_0007;
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 10 + usize::from(i)]).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let clean = wal(ID, &refs);
+        assert_eq!(decode_wal(&clean, ID).expect("clean").len(), 20);
+        let third = (0..3).map(|i| WAL_HEADER + refs[i].len()).sum::<usize>();
+        let fourth = third + WAL_HEADER + refs[3].len();
+        // Each damages `b` at the third record (at `t`) or across it and the fourth (at `f`).
+        type Damage = (&'static str, fn(&mut [u8], usize, usize));
+        let damages: [Damage; 5] = [
+            ("payload", |b, t, _| b[t + WAL_HEADER] ^= 0x20),
+            ("checksum", |b, t, _| b[t + 4] ^= 1),
+            ("length", |b, t, _| b[t + 3] ^= 2),
+            ("generation", |b, t, _| b[t + 15] ^= 1),
+            ("zeros", |b, _, f| b[f - 5..f + WAL_HEADER + 3].fill(0)),
+        ];
+        for (what, damage) in &damages {
+            let mut bytes = clean.clone();
+            damage(&mut bytes, third, fourth);
+            let e = decode_wal(&bytes, ID).expect_err(what);
+            assert!(
+                e.contains(&format!("no valid record at offset {third}")),
+                "{what}: {e}"
+            );
+        }
+        // The same damage to the last record is a torn tail: the others are replayed.
+        let last = clean.len() - WAL_HEADER - refs[19].len();
+        let mut bytes = clean.clone();
+        bytes[last + 3] ^= 2;
+        assert_eq!(decode_wal(&bytes, ID).expect("torn length").len(), 19);
     }
 
     #[test]

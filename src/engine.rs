@@ -626,6 +626,18 @@ pub struct Pending {
     wakes: Vec<(Uuid, u64)>,
 }
 
+impl Pending {
+    /// A record that waits for the same writes to be durable and publishes nothing: for a
+    /// thread that waits ([`Queue::wait_durable`], [`Queue::is_durable`]) while another
+    /// may complete this one, so that neither ever waits for the other.
+    pub fn durability_only(&self) -> Pending {
+        Pending {
+            ticket: self.ticket,
+            wakes: Vec::new(),
+        }
+    }
+}
+
 /// Restores the previous deferral of this thread, even when unwinding.
 struct DeferScope(Option<(usize, Pending)>);
 

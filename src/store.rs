@@ -25,10 +25,11 @@
 //! applies the batch to sled as plain writes. sled's flush (its log buffer, `pwrite`,
 //! `sync_file_range`, then the `fdatasync` the promise needs) costs about three times a bare
 //! `fdatasync` of the log here, and nothing of it is needed while the log holds the batch.
-//! Once the log holds `wal::CHECKPOINT_BYTES`, a round *checkpoints*: it records the next
-//! log generation in `meta/wal`, flushes and `fdatasync`s sled, and starts the log over with
-//! that generation. On open, the log's records of the generation in `meta/wal` are applied
-//! to sled in order, then a checkpoint follows. That is correct whatever prefix of its
+//! Once the log holds `wal::CHECKPOINT_BYTES`, the next round *checkpoints*: once every
+//! logged batch is in sled, it records a new generation id (random) in `meta/wal`, flushes
+//! and `fdatasync`s sled, and starts the log over with that id. On open, the log's records of
+//! the generation in `meta/wal` are applied to sled in order, then (in `Fsync` mode, or if
+//! any were applied) a checkpoint follows. That is correct whatever prefix of its
 //! writes sled kept: each record holds final values, so applying all of them in order from
 //! any prefix of them gives the same state. A record reaches the log before any of its
 //! writes reach sled, and is on disk before the next record is written. `Flush` mode keeps
@@ -46,6 +47,8 @@ use std::time::Duration;
 
 use sled::transaction::{TransactionError, Transactional};
 use uuid::Uuid;
+
+use rand::TryRng;
 
 use crate::codec;
 use crate::error::{Error, Result};
@@ -183,10 +186,22 @@ impl Overlay {
     }
 }
 
-/// A batch whose log record is durable, and its turn to be applied to sled.
+/// A batch whose log record is durable, and its turn to be applied to sled. Dropped
+/// before it is applied (a panic), it poisons the engine before it gives up the turn.
 struct Logged<'a> {
+    store: &'a Store,
     batch: Arc<Overlay>,
+    done: bool,
     _turn: MutexGuard<'a, ()>,
+}
+
+impl Drop for Logged<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.store
+                .fail("a logged batch was not applied to sled".into());
+        }
+    }
 }
 
 /// Durable-mode write sets not yet applied to sled (see the module comment).
@@ -278,6 +293,14 @@ impl Iterator for Entries {
             }
         }
     }
+}
+
+fn random_u64() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("OS randomness failed: {e}"))))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn write_one(tree: &sled::Tree, key: &[u8], value: Option<&[u8]>) -> Result<()> {
@@ -481,11 +504,16 @@ impl Store {
             return Ok(None);
         };
         let generation = self.get_u64(TreeId::Meta, keys::META_WAL)?;
-        let bytes = wal::read(dir)?;
         let damaged = |detail: String| Error::Corrupted {
             tree: "(write-ahead log)",
             key: wal::FILE_NAME.into(),
             detail,
+        };
+        // Id 0: no generation yet, so nothing logged.
+        let bytes = if generation == 0 {
+            Vec::new()
+        } else {
+            wal::read(dir)?
         };
         let records = codec::decode_wal(&bytes, generation).map_err(damaged)?;
         for (i, record) in records.iter().enumerate() {
@@ -495,39 +523,45 @@ impl Store {
                 write_one(self.tree(*tree), key, value.as_deref())?;
             }
         }
-        let replayed = !records.is_empty();
         if self.durability != Durability::Fsync {
-            if replayed {
-                self.advance_generation(generation + 1)?;
+            if !records.is_empty() {
+                self.advance_generation(generation)?;
             }
             return Ok(None);
         }
+        // Always a checkpoint: the first record must not be logged on top of a sled state
+        // that an earlier session in another mode left unsynced.
         let mut log = Wal::open(dir, generation)?;
-        // Generation 0 is never written (a zero-filled log is empty).
-        if generation == 0 || replayed {
-            self.checkpoint(&mut log)?;
-        }
+        self.checkpoint(&mut log)?;
         Ok(Some(log))
     }
 
-    /// Makes sled durable and starts the log over with the next generation.
+    /// Makes sled durable and starts the log over with a new generation.
     fn checkpoint(&self, log: &mut Wal) -> Result<()> {
-        let next = log.generation() + 1;
-        self.advance_generation(next)?;
+        let next = self.advance_generation(log.generation())?;
         log.restart(next);
         Ok(())
     }
 
-    /// Records `generation` as the log's current one and makes sled durable: every record
-    /// of the earlier generations is in sled now, and none will be applied again.
-    fn advance_generation(&self, generation: u64) -> Result<()> {
+    /// Records a new generation id (random, never 0, never `current`) as the log's current
+    /// one and makes sled durable: every record logged so far is in sled now, and none will
+    /// be applied again. Refused once a write failed (a failed batch may be half in sled,
+    /// and only its record, which this would retire, can complete it). Returns the id.
+    fn advance_generation(&self, current: u64) -> Result<u64> {
+        if let Some(e) = self.failure() {
+            return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
+        }
+        let mut next = current;
+        while next == 0 || next == current {
+            next = random_u64()?;
+        }
         self.tree(TreeId::Meta)
-            .insert(keys::META_WAL, &generation.to_be_bytes())?;
+            .insert(keys::META_WAL, &next.to_be_bytes())?;
         self.db.flush()?;
         if let Some(f) = &self.sync_file {
             f.sync_data()?;
         }
-        Ok(())
+        Ok(next)
     }
 
     fn write_layout(&self) -> Result<()> {
@@ -705,7 +739,15 @@ impl Store {
             return Ok((target, None));
         };
         match self.log_batch(&mut lock(log), &batch) {
-            Ok(turn) => Ok((target, Some(Logged { batch, _turn: turn }))),
+            Ok(turn) => Ok((
+                target,
+                Some(Logged {
+                    store: self,
+                    batch,
+                    done: false,
+                    _turn: turn,
+                }),
+            )),
             Err(e) => {
                 self.applied(&batch);
                 Err(e)
@@ -714,38 +756,62 @@ impl Store {
     }
 
     /// Writes `batch` to the log and syncs it, checkpointing first when the log is full;
-    /// then waits for the earlier batches to be in sled.
+    /// then waits for the earlier batches to be in sled. Refused once a write failed: before
+    /// it logs (an earlier round failed after this one took its batch; should one fail
+    /// while this one logs, both records replay in order), and before it checkpoints or
+    /// applies.
     fn log_batch(&self, log: &mut Wal, batch: &Overlay) -> Result<MutexGuard<'_, ()>> {
         let record = codec::encode_journal(batch.writes()).map_err(Error::Storage)?;
+        if let Some(e) = self.failure() {
+            // An earlier round failed after this one took its batch.
+            return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
+        }
         if log.is_full() {
-            let _turn = lock(&self.apply_turn);
+            let _turn = self.apply_turn()?;
             self.checkpoint(log)?;
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.faults.before_flush()?;
         log.append(&record)?;
         log.sync()?;
-        Ok(lock(&self.apply_turn))
+        self.apply_turn()
     }
 
-    /// Applies a logged batch to sled as plain writes (the log makes it atomic).
-    fn apply_logged(&self, logged: Logged<'_>) -> Result<()> {
-        let result =
-            logged
-                .batch
-                .writes()
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, (tree, key, value))| {
-                    self.faults.before_applied_write(i as u64)?;
-                    write_one(self.tree(*tree), key, *value)
-                });
+    /// Waits until every earlier logged batch is in sled; refused if one failed to get
+    /// there (nothing may be written to sled after it, nor a checkpoint retire its record).
+    fn apply_turn(&self) -> Result<MutexGuard<'_, ()>> {
+        let turn = lock(&self.apply_turn);
+        match self.failure() {
+            Some(e) => Err(Error::Poisoned(format!("writing to disk failed: {e}"))),
+            None => Ok(turn),
+        }
+    }
+
+    /// Applies a logged batch to sled as plain writes (the log makes it atomic). On failure
+    /// the engine is poisoned first, and the batch stays in the overlay: it is durable, the
+    /// next open completes it, and sled without it is never read as state.
+    fn apply_logged(&self, mut logged: Logged<'_>) -> Result<()> {
+        let writes = logged.batch.writes();
+        let result = writes
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, (tree, key, value))| {
+                self.faults.before_applied_write(i as u64)?;
+                write_one(self.tree(*tree), key, *value)
+            });
         self.storage_commits.fetch_add(1, Ordering::Relaxed);
-        self.applied(&logged.batch);
-        if let Err(e) = &result {
-            lock(&self.flush).failed.get_or_insert(e.to_string());
+        match &result {
+            Ok(()) => {
+                self.applied(&logged.batch);
+                logged.done = true;
+            }
+            Err(e) => self.fail(e.to_string()),
         }
         result
+    }
+
+    fn fail(&self, why: String) {
+        lock(&self.flush).failed.get_or_insert(why);
     }
 
     /// The ticket of the last committed transaction: waiting for it makes everything a
@@ -923,7 +989,7 @@ mod tests {
 
     /// In `Fsync` mode a batch is durable once its log record is: a batch logged but not
     /// (or not wholly) applied to sled, as a crash right after the log's `fdatasync` leaves
-    /// it, is applied on open, and the log starts over with the next generation.
+    /// it, is applied on open, and the log starts over with a new generation.
     #[test]
     fn a_logged_batch_missing_from_sled_is_applied_on_open() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -946,11 +1012,7 @@ mod tests {
             let store = on_disk(&path);
             assert_eq!(value(&store, b"b"), Some(b"2".to_vec()), "{applied}");
             assert_eq!(value(&store, b"a"), None, "{applied}");
-            assert_eq!(
-                generation(&store),
-                before + 1,
-                "replayed, then checkpointed"
-            );
+            assert_ne!(generation(&store), before, "replayed, then checkpointed");
         }
     }
 
@@ -961,7 +1023,7 @@ mod tests {
     fn a_checkpoint_starts_the_log_over_and_stale_records_stay_dead() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
-        {
+        let first = {
             let store = on_disk(&path);
             let first = generation(&store);
             put(&store, b"x", b"a");
@@ -982,13 +1044,14 @@ mod tests {
             );
             // The same length as the first record: the old second record follows it.
             put(&store, b"x", b"b");
-            assert_eq!(generation(&store), first + 1, "checkpointed");
-        }
+            assert_ne!(generation(&store), first, "checkpointed");
+            first
+        };
         let bytes = wal::read(&path).expect("read");
         let g = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let records = codec::decode_wal(&bytes, g).expect("decode");
         assert_eq!(records.len(), 1, "the log started over");
-        let stale = codec::decode_wal(&bytes[records[0].len() + codec::WAL_HEADER..], g - 1);
+        let stale = codec::decode_wal(&bytes[records[0].len() + codec::WAL_HEADER..], first);
         assert_eq!(
             stale.expect("stale").len(),
             2,
@@ -1056,8 +1119,46 @@ mod tests {
                 ),
                 "{e:?}"
             );
-            assert!(e.to_string().contains("valid records follow"), "{e}");
+            assert!(e.to_string().contains("yet a valid one at offset"), "{e}");
         }
+    }
+
+    /// Once a write failed, a round that passed its own check before the failure neither
+    /// checkpoints (which would retire the failed batch's record, its only way back) nor
+    /// logs or applies anything after it.
+    #[test]
+    fn after_a_failure_no_round_checkpoints_logs_or_applies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = on_disk(&path);
+        let mut ws = WriteSet::default();
+        let pad = vec![7; wal::CHECKPOINT_BYTES as usize];
+        ws.put(TreeId::Redrives, &b"pad"[..], pad);
+        let ticket = store.commit(ws).expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        let before = generation(&store);
+        let log_before = wal::read(&path).expect("read");
+        store.fail("injected: an earlier batch failed".into());
+        let mut batch = Overlay::default();
+        batch.insert(TreeId::Redrives, b"late".to_vec(), Some(b"v".to_vec()));
+        let log = store.wal.as_ref().expect("a log in Fsync mode");
+        assert!(lock(log).is_full());
+        for full in [true, false] {
+            if !full {
+                lock(log).restart(before);
+            }
+            let e = store
+                .log_batch(&mut lock(log), &batch)
+                .expect_err("refused");
+            assert!(matches!(e, Error::Poisoned(_)), "{full}: {e:?}");
+        }
+        assert_eq!(generation(&store), before, "no checkpoint");
+        assert_eq!(
+            store.tree(TreeId::Redrives).get(b"late").expect("get"),
+            None
+        );
+        drop(store);
+        assert_eq!(wal::read(&path).expect("read")[..32], log_before[..32]);
     }
 
     fn keys_in(store: &Store, t: TreeId, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {

@@ -142,3 +142,36 @@ fn a_failed_deferred_call_still_completes_what_it_committed() {
     assert_eq!(m.delivery_count, 1);
     assert_clean(&q);
 }
+
+/// A durability-only copy of a pending record waits for the same writes and publishes
+/// nothing: a thread can wait on it while another completes the record (the plug-in's
+/// waiter and a cancelled caller), and only the record publishes the wakeups.
+#[test]
+fn a_durability_only_copy_waits_for_the_same_writes_and_publishes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = fsync_queue(&dir);
+    let pool = uuid();
+    assert_eq!(q.read_wakeup_sequence(pool).expect("seq"), 0);
+    let (_, pending) = q.deferred(|| q.enqueue(msg(pool, uuid(), "a")).expect("enqueue"));
+    let probe = pending.durability_only();
+    assert!(!q.is_durable(&probe));
+    let published = || {
+        q.wait_for_wakeup(pool, 0, Some(Duration::ZERO))
+            .expect("check")
+            .map(|w| w.sequence)
+    };
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| q.wait_durable(&probe));
+        q.complete(pending).expect("complete");
+        waiter.join().expect("join").expect("durable");
+    });
+    assert!(q.is_durable(&probe));
+    assert_eq!(published(), Some(1), "the record published its wake");
+    let (_, pending) = q.deferred(|| q.enqueue(msg(pool, uuid(), "b")).expect("enqueue"));
+    let probe = pending.durability_only();
+    q.complete(probe).expect("complete the copy");
+    assert!(q.is_durable(&pending));
+    assert_eq!(published(), Some(1), "the copy published nothing");
+    q.complete(pending).expect("complete");
+    assert_eq!(published(), Some(2));
+}

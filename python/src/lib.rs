@@ -120,11 +120,18 @@ fn micros(us: i64) -> Duration {
 /// What [`Engine::defer`] left to do (`cleanup_queue::Pending`): wait for durability, then
 /// publish wakeups. Completed at most once.
 #[pyclass(frozen, module = "cleanup_queue._native")]
-struct Pending(std::sync::Mutex<Option<cleanup_queue::Pending>>);
+struct Pending {
+    /// Taken by the one `complete`.
+    record: std::sync::Mutex<Option<cleanup_queue::Pending>>,
+    /// Waits for the same durability and publishes nothing: waiting and checking never
+    /// touch `record`, so a `complete` from another thread never waits behind a waiter
+    /// (which, holding the lock while it takes the GIL back, would deadlock with it).
+    probe: cleanup_queue::Pending,
+}
 
 impl Pending {
     fn take(&self) -> Option<cleanup_queue::Pending> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -264,7 +271,10 @@ impl Engine {
         args: Bound<'py, pyo3::types::PyTuple>,
     ) -> (Option<Bound<'py, PyAny>>, Option<PyErr>, Pending) {
         let (result, pending) = self.queue.deferred(|| f.call1(args));
-        let pending = Pending(std::sync::Mutex::new(Some(pending)));
+        let pending = Pending {
+            probe: pending.durability_only(),
+            record: std::sync::Mutex::new(Some(pending)),
+        };
         match result {
             Ok(v) => (Some(v), None, pending),
             Err(e) => (None, Some(e), pending),
@@ -279,30 +289,25 @@ impl Engine {
 
     /// Whether `pending` is already durable (never waits).
     fn is_durable(&self, pending: &Pending) -> bool {
-        match &*pending.0.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(p) => self.queue.is_durable(p),
-            None => true,
-        }
+        self.queue.is_durable(&pending.probe)
     }
 
     /// Blocks until `pending` is durable, without completing it (a waiter thread does this
     /// once for many pending calls; each is then completed at once).
     fn wait_durable(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
-        // Held while waiting: a `complete` of this record from another thread waits for it.
-        let guard = pending.0.lock().unwrap_or_else(|p| p.into_inner());
-        match &*guard {
-            Some(p) => py.detach(|| self.queue.wait_durable(p)).map_err(to_py),
-            None => Ok(()),
-        }
+        py.detach(|| self.queue.wait_durable(&pending.probe))
+            .map_err(to_py)
     }
 
     /// Waits until `pending` is durable (at once if it is), then publishes its wakeups.
     /// Raises if the write or flush failed. A second call does nothing.
     fn complete(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
-        match pending.take() {
-            Some(p) => py.detach(|| self.queue.complete(p)).map_err(to_py),
+        // The lock is taken without the GIL too: nothing holding it ever waits for the GIL.
+        py.detach(|| match pending.take() {
+            Some(p) => self.queue.complete(p),
             None => Ok(()),
-        }
+        })
+        .map_err(to_py)
     }
 
     /// Returns `(duplicate, message_json)`.
