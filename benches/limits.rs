@@ -20,6 +20,11 @@
 //! - `limits/sled_journal_flush_fdatasync/{1,8,32}`: the same, with the writes of that many
 //!   operations journaled as one batch (the engine's group commit since layout 3): the
 //!   ceiling for the engine's group commit with that many threads.
+//! - `limits/wal_fdatasync_then_sled/{1,8,32}`: the engine's `Fsync` write path since
+//!   layout 4, without the engine: the writes of that many operations encoded as one record,
+//!   `pwrite` into a preallocated log file + `fdatasync`, then applied to sled as plain
+//!   inserts (no sled flush): the ceiling for the engine's group commit with that many
+//!   threads.
 //! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~3,000 writes of
 //!   `expire_leases(1000)` as one 3-tree transaction or as per-tree batches, then `flush()` +
 //!   `fdatasync`: the ceiling for the expiry goal (≤ 5 ms).
@@ -116,6 +121,32 @@ impl RawSled {
     /// The writes of `ops` operations ([`RawSled::plain`]) as one journaled batch: the
     /// writes encoded as one `journal` value, then applied, then the journal removed.
     fn journaled(&mut self, ops: u64) {
+        let (journal, batch) = self.encoded(ops);
+        self.trees[2].insert(b"journal", journal).expect("insert");
+        self.apply(batch);
+        self.trees[2].remove(b"journal").expect("remove");
+    }
+
+    /// The writes of `ops` operations as one record in `log` (synced), then applied to sled
+    /// as plain inserts: the engine's `Fsync` path.
+    fn logged(&mut self, ops: u64, log: &mut RawLog) {
+        let (record, batch) = self.encoded(ops);
+        log.append(&record);
+        self.apply(batch);
+    }
+
+    fn apply(&self, batch: Vec<(u64, [u8; 32], [u8; 57])>) {
+        let [a, b, c] = &self.trees;
+        for (i, key, index) in batch {
+            a.insert(&key[..], self.record.as_slice()).expect("insert");
+            b.insert(&index[..], &key[16..]).expect("insert");
+            c.insert(b"seq", &i.to_be_bytes()).expect("insert");
+        }
+    }
+
+    /// The next `ops` operations' writes, encoded as one batch value, and their keys.
+    #[allow(clippy::type_complexity)]
+    fn encoded(&mut self, ops: u64) -> (Vec<u8>, Vec<(u64, [u8; 32], [u8; 57])>) {
         let mut batch = Vec::new();
         let mut journal = Vec::new();
         for _ in 0..ops {
@@ -132,14 +163,7 @@ impl RawSled {
             }
             batch.push((i, key, index));
         }
-        let [a, b, c] = &self.trees;
-        c.insert(b"journal", journal).expect("insert");
-        for (i, key, index) in batch {
-            a.insert(&key[..], self.record.as_slice()).expect("insert");
-            b.insert(&index[..], &key[16..]).expect("insert");
-            c.insert(b"seq", &i.to_be_bytes()).expect("insert");
-        }
-        c.remove(b"journal").expect("remove");
+        (journal, batch)
     }
 
     fn flush(&self) {
@@ -248,6 +272,69 @@ fn sled_writes(c: &mut Criterion) {
     g.finish();
 }
 
+/// A preallocated (zero-written) log file overwritten in place, as `src/wal.rs` does.
+struct RawLog {
+    _dir: tempfile::TempDir,
+    file: File,
+    offset: u64,
+}
+
+impl RawLog {
+    const SIZE: u64 = 8 << 20;
+
+    fn open() -> RawLog {
+        let dir = common::tempdir();
+        let file = preallocated(&dir.path().join("log"), RawLog::SIZE);
+        RawLog {
+            _dir: dir,
+            file,
+            offset: 0,
+        }
+    }
+
+    /// `pwrite` of a 16-byte header and `record`, then `fdatasync`.
+    fn append(&mut self, record: &[u8]) {
+        let mut bytes = Vec::with_capacity(16 + record.len());
+        bytes.extend_from_slice(&(record.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&[0xc5; 12]);
+        bytes.extend_from_slice(record);
+        if self.offset + bytes.len() as u64 > RawLog::SIZE {
+            self.offset = 0;
+        }
+        self.file.write_all_at(&bytes, self.offset).expect("pwrite");
+        self.file.sync_data().expect("fdatasync");
+        self.offset += bytes.len() as u64;
+    }
+}
+
+/// A file of `len` zero bytes, written and synced.
+fn preallocated(path: &std::path::Path, len: u64) -> File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open file");
+    file.write_all_at(&vec![0u8; len as usize], 0)
+        .expect("fill");
+    file.sync_all().expect("sync");
+    file
+}
+
+fn wal_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits/wal_fdatasync_then_sled");
+    for batch in [1u64, 8, 32] {
+        let mut raw = RawSled::open();
+        let mut log = RawLog::open();
+        g.throughput(Throughput::Elements(batch));
+        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| raw.logged(batch, &mut log))
+        });
+    }
+    g.finish();
+}
+
 fn sled_batch(c: &mut Criterion) {
     for journal in [false, true] {
         let mut g = c.benchmark_group(if journal {
@@ -334,18 +421,8 @@ fn sled_bulk(c: &mut Criterion) {
 
 fn fdatasync_4k(c: &mut Criterion) {
     let dir = common::tempdir();
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(dir.path().join("sync"))
-        .expect("open file");
     const SLOTS: u64 = 256;
-    file.set_len(SLOTS * 4096).expect("preallocate");
-    file.write_all_at(&vec![0u8; (SLOTS * 4096) as usize], 0)
-        .expect("fill");
-    file.sync_all().expect("sync");
+    let file = preallocated(&dir.path().join("sync"), SLOTS * 4096);
     let page = vec![0xa5u8; 4096];
     let mut i = 0u64;
     let mut g = c.benchmark_group("limits");
@@ -451,6 +528,6 @@ fn load(_: &mut Criterion) {
 criterion_group! {
     name = limits;
     config = common::config();
-    targets = load, sled_txn, sled_txn_width, sled_writes, sled_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
+    targets = load, sled_txn, sled_txn_width, sled_writes, sled_batch, wal_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
 }
 criterion_main!(limits);
