@@ -221,17 +221,30 @@ pub(crate) fn decode_wal(bytes: &[u8], generation: u64) -> Result<Vec<&[u8]>, St
         out.push(payload);
         at = next;
     }
+    // The random id never occurs after the end by chance, so every offset holding it there
+    // is damage (or a forgery): checking a few bounds the checksum work on any input.
     let id = generation.to_be_bytes();
-    let later = (at + 1..bytes.len().saturating_sub(WAL_HEADER - 1))
-        .filter(|o| bytes[o + 8..o + 16] == id)
-        .find(|o| wal_record_at(bytes, *o, generation).is_some());
-    match later {
-        Some(o) => Err(format!(
-            "the log holds no valid record at offset {at}, yet a valid one at offset {o}"
-        )),
-        None => Ok(out),
+    let candidates =
+        (at + 1..bytes.len().saturating_sub(WAL_HEADER - 1)).filter(|o| bytes[o + 8..o + 16] == id);
+    for (checked, o) in candidates.enumerate() {
+        if wal_record_at(bytes, o, generation).is_some() {
+            return Err(format!(
+                "the log holds no valid record at offset {at}, yet a valid one at offset {o}"
+            ));
+        }
+        if checked + 1 == MAX_WAL_CANDIDATES {
+            return Err(format!(
+                "the log ends at offset {at}, yet {MAX_WAL_CANDIDATES} damaged headers of its \
+                 generation follow"
+            ));
+        }
     }
+    Ok(out)
 }
+
+/// How many headers of the current generation `decode_wal` checks after the log's end
+/// before it refuses the file.
+const MAX_WAL_CANDIDATES: usize = 16;
 
 /// One line of an export file (JSON lines). Indexes are not exported: they follow from
 /// the records.
@@ -356,6 +369,22 @@ mod tests {
                 "{what}: {e}"
             );
         }
+        // Headers of the generation after the end whose records do not check out: a few are
+        // checked, then the file is refused (a forged file cannot make the scan quadratic).
+        let mut forged = clean[..third].to_vec();
+        let mut header = [0u8; WAL_HEADER];
+        header[..4].copy_from_slice(&(1u32 << 20).to_be_bytes());
+        header[8..].copy_from_slice(&ID.to_be_bytes());
+        for _ in 0..(4 << 20) / WAL_HEADER {
+            forged.extend_from_slice(&header);
+        }
+        let started = std::time::Instant::now();
+        let e = decode_wal(&forged, ID).expect_err("forged");
+        assert!(
+            e.contains("damaged headers of its generation follow"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
         // The same damage to the last record is a torn tail: the others are replayed.
         let last = clean.len() - WAL_HEADER - refs[19].len();
         let mut bytes = clean.clone();

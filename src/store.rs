@@ -204,6 +204,25 @@ impl Drop for Logged<'_> {
     }
 }
 
+/// Ends a flush leader's round that unwinds (a panic) before it recorded its result: the
+/// engine is poisoned, and the callers waiting for the round are woken to learn it (they
+/// would otherwise wait for a leader that is gone).
+struct RoundGuard<'a> {
+    store: &'a Store,
+    done: bool,
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut st = lock(&self.store.flush);
+            st.flushing = false;
+            st.failed.get_or_insert("a flush round panicked".into());
+            self.store.flushed.notify_all();
+        }
+    }
+}
+
 /// Durable-mode write sets not yet applied to sled (see the module comment).
 #[derive(Default)]
 struct Staged {
@@ -638,11 +657,9 @@ impl Store {
             self.issued.fetch_add(1, Ordering::SeqCst) + 1
         };
         if let Durability::Buffered { .. } = self.durability {
-            if let Err(e) = self.apply_staged(|writes| self.apply(writes)) {
-                // Part of the batch may be in sled: nothing may be written after it.
-                lock(&self.flush).failed.get_or_insert(e.to_string());
-                return Err(e);
-            }
+            // A failure poisons the engine (`apply_staged`): part of the batch may be in
+            // sled, and nothing may be written after it.
+            self.apply_staged(|writes| self.apply(writes))?;
         }
         Ok(ticket)
     }
@@ -720,14 +737,23 @@ impl Store {
 
     /// Writes everything staged as one batch with `write` and returns the last ticket it
     /// covers (a flush leader's round without a log; in `Buffered` mode, each commit's).
+    /// On failure the engine is poisoned first, and the batch stays in the overlay, so that
+    /// sled with part of it is never read as state (its journal completes it on reopen).
     fn apply_staged(&self, write: impl FnOnce(&[Write<'_>]) -> Result<()>) -> Result<u64> {
         let (target, batch) = self.take_batch()?;
         let Some(batch) = batch else {
             return Ok(target);
         };
-        let result = write(&batch.writes());
-        self.applied(&batch);
-        result.map(|()| target)
+        match write(&batch.writes()) {
+            Ok(()) => {
+                self.applied(&batch);
+                Ok(target)
+            }
+            Err(e) => {
+                self.fail(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// A flush leader's round with a log, up to the point where its batch is durable: takes
@@ -878,6 +904,10 @@ impl Store {
             }
             st.flushing = true;
             drop(st);
+            let mut round = RoundGuard {
+                store: self,
+                done: false,
+            };
             gather();
             let (r, logged) = match &self.wal {
                 Some(log) => match self.log_staged(log) {
@@ -891,9 +921,12 @@ impl Store {
             };
             st = lock(&self.flush);
             st.flushing = false;
+            round.done = true;
             match r {
                 Ok(target) => st.durable = st.durable.max(target),
-                Err(e) => st.failed = Some(e.to_string()),
+                Err(e) => {
+                    st.failed.get_or_insert(e.to_string());
+                }
             }
             self.flushed.notify_all();
             if let Some(logged) = logged {
@@ -1159,6 +1192,61 @@ mod tests {
         );
         drop(store);
         assert_eq!(wal::read(&path).expect("read")[..32], log_before[..32]);
+    }
+
+    /// A batch whose apply failed part-way stays visible whole: the failure is recorded
+    /// first and the overlay keeps the batch, so no reader ever sees sled's half of it.
+    #[test]
+    fn a_torn_apply_is_never_read_half_applied() {
+        for durability in [
+            Durability::Flush,
+            Durability::Buffered {
+                every: Duration::from_secs(60),
+            },
+        ] {
+            let store = temporary(durability);
+            let t = TreeId::Redrives;
+            let mut ws = WriteSet::default();
+            ws.put(t, &b"a1"[..], b"v".to_vec());
+            ws.put(t, &b"a2"[..], b"v".to_vec());
+            store.faults.tear_apply_after(1);
+            let r = store
+                .commit(ws)
+                .and_then(|ticket| store.wait_durable(ticket));
+            assert!(r.is_err(), "{durability:?}");
+            assert!(store.failure().is_some(), "{durability:?}");
+            let in_sled = store.tree(t).get(b"a2").expect("get");
+            assert_eq!(in_sled, None, "{durability:?}: torn in sled");
+            let read = store.get(t, b"a2").expect("get").map(|v| v.to_vec());
+            assert_eq!(read, Some(b"v".to_vec()), "{durability:?}: read whole");
+        }
+    }
+
+    /// A leader that panics in its round poisons the engine and wakes the callers waiting
+    /// for it, instead of leaving them waiting for a round that never ends.
+    #[test]
+    fn a_panicking_round_poisons_instead_of_hanging() {
+        let store = temporary(Durability::Flush);
+        let mut ws = WriteSet::default();
+        ws.put(TreeId::Redrives, &b"k"[..], b"v".to_vec());
+        let ticket = store.commit(ws).expect("commit");
+        let waited = std::thread::scope(|s| {
+            let leader = s.spawn(|| {
+                store.wait_durable_gathering(ticket, || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    panic!("injected panic in a round");
+                })
+            });
+            std::thread::sleep(Duration::from_millis(10));
+            let waiter = s.spawn(|| store.wait_durable(ticket));
+            assert!(leader.join().is_err(), "the leader panicked");
+            waiter.join().expect("join")
+        });
+        match waited {
+            Err(Error::Poisoned(why)) => assert!(why.contains("panicked"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.wait_durable(ticket).is_err());
     }
 
     fn keys_in(store: &Store, t: TreeId, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
