@@ -59,6 +59,7 @@ pub struct QueueBuilder {
     clock: Arc<dyn Clock>,
     durability: Durability,
     cache_capacity: u64,
+    wal_checkpoint_bytes: u64,
 }
 
 impl QueueBuilder {
@@ -81,6 +82,7 @@ impl QueueBuilder {
             clock: Arc::new(SystemClock),
             durability: Durability::Fsync,
             cache_capacity: 64 << 20,
+            wal_checkpoint_bytes: crate::wal::CHECKPOINT_BYTES,
         }
     }
 
@@ -150,6 +152,14 @@ impl QueueBuilder {
         self
     }
 
+    /// How much the write-ahead log of [`Durability::Fsync`] holds before a checkpoint
+    /// makes sled durable and starts it over (default 8 MiB, at least 4 KiB): larger means
+    /// fewer sled flushes, smaller a shorter log to apply on open.
+    pub fn wal_checkpoint_bytes(mut self, bytes: u64) -> QueueBuilder {
+        self.wal_checkpoint_bytes = bytes;
+        self
+    }
+
     /// Validates the settings and opens the database.
     pub fn open(self) -> Result<Queue> {
         self.policy.validate()?;
@@ -166,6 +176,11 @@ impl QueueBuilder {
                 "payload limit must hold at least `{}` twice (4 bytes)".into(),
             ));
         }
+        if self.wal_checkpoint_bytes < 4096 {
+            return Err(Error::Config(
+                "the write-ahead log's checkpoint size must be at least 4 KiB".into(),
+            ));
+        }
         if let Durability::Buffered { every } = self.durability {
             if every.is_zero() {
                 return Err(Error::Config(
@@ -180,6 +195,7 @@ impl QueueBuilder {
             },
             cache_capacity: self.cache_capacity,
             durability: self.durability,
+            wal_checkpoint_bytes: self.wal_checkpoint_bytes,
         })?;
         let next_seq = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
         let metrics = load_metrics(&store)?;

@@ -99,6 +99,8 @@ pub(crate) struct StoreConfig {
     pub location: Location,
     pub cache_capacity: u64,
     pub durability: Durability,
+    /// `Wal::open`'s checkpoint size.
+    pub wal_checkpoint_bytes: u64,
 }
 
 /// A set of puts and deletes applied as one atomic transaction.
@@ -445,6 +447,7 @@ impl Store {
             Some(p) => Some(File::open(p.join("db"))?),
             None => None,
         };
+        let checkpoint_bytes = config.wal_checkpoint_bytes;
         let mut store = Store {
             db,
             trees,
@@ -468,7 +471,7 @@ impl Store {
             faults: Default::default(),
         };
         store.check_format()?;
-        store.wal = store.recover_wal()?.map(Mutex::new);
+        store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
         Ok(store)
     }
 
@@ -518,7 +521,7 @@ impl Store {
     /// Applies the write-ahead log's records of the current generation to sled (a crash may
     /// have kept only part of them there), then checkpoints so that none is applied again;
     /// returns the log to write in `Fsync` mode (see the module comment).
-    fn recover_wal(&self) -> Result<Option<Wal>> {
+    fn recover_wal(&self, checkpoint_bytes: u64) -> Result<Option<Wal>> {
         let Some(dir) = &self.path else {
             return Ok(None);
         };
@@ -550,7 +553,7 @@ impl Store {
         }
         // Always a checkpoint: the first record must not be logged on top of a sled state
         // that an earlier session in another mode left unsynced.
-        let mut log = Wal::open(dir, generation)?;
+        let mut log = Wal::open(dir, generation, checkpoint_bytes)?;
         self.checkpoint(&mut log)?;
         Ok(Some(log))
     }
@@ -988,6 +991,7 @@ mod tests {
             location: Location::Temporary,
             cache_capacity: 1 << 20,
             durability,
+            wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
         })
         .expect("open")
     }
@@ -997,6 +1001,7 @@ mod tests {
             location: Location::Path(dir.to_path_buf()),
             cache_capacity: 1 << 20,
             durability: Durability::Fsync,
+            wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
         })
         .expect("open")
     }
@@ -1139,6 +1144,7 @@ mod tests {
                 location: Location::Path(path.clone()),
                 cache_capacity: 1 << 20,
                 durability: Durability::Fsync,
+                wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
             })
             .err()
             .expect("refused");

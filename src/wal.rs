@@ -19,7 +19,7 @@ use crate::codec;
 pub(crate) const FILE_NAME: &str = "wal";
 
 /// Once this much is logged, the next round checkpoints (`Store::checkpoint`) and the log
-/// starts over.
+/// starts over (the default; `QueueBuilder::wal_checkpoint_bytes`).
 pub(crate) const CHECKPOINT_BYTES: u64 = 8 << 20;
 
 /// The file grows in zero-filled steps of this size.
@@ -37,6 +37,7 @@ pub(crate) fn read(dir: &Path) -> io::Result<Vec<u8>> {
 pub(crate) struct Wal {
     file: File,
     generation: u64,
+    checkpoint_bytes: u64,
     /// Where the next record goes.
     offset: u64,
     /// The file's length: everything below it is allocated (written).
@@ -46,7 +47,7 @@ pub(crate) struct Wal {
 
 impl Wal {
     /// Opens the log in `dir` (creating it, durably) to write records of `generation`.
-    pub fn open(dir: &Path, generation: u64) -> io::Result<Wal> {
+    pub fn open(dir: &Path, generation: u64, checkpoint_bytes: u64) -> io::Result<Wal> {
         let path = dir.join(FILE_NAME);
         let created = !path.exists();
         let file = OpenOptions::new()
@@ -63,6 +64,7 @@ impl Wal {
         Ok(Wal {
             file,
             generation,
+            checkpoint_bytes,
             offset: 0,
             len,
             buf: Vec::new(),
@@ -107,7 +109,7 @@ impl Wal {
 
     /// Whether enough is logged that the next round should checkpoint.
     pub fn is_full(&self) -> bool {
-        self.offset >= CHECKPOINT_BYTES
+        self.offset >= self.checkpoint_bytes
     }
 
     /// Starts writing `generation` from the start of the file (after a checkpoint).

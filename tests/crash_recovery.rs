@@ -130,6 +130,9 @@ fn builder(
         .max_delivery_attempts(MAX_ATTEMPTS)
         .completed_retention(None)
         .cache_capacity(4 << 20)
+        // Checkpoints every few hundred operations (default 8 MiB of log), so that kills
+        // also land inside checkpoints and right after them.
+        .wal_checkpoint_bytes(64 << 10)
 }
 
 /// `pool/id/key/count` entries, `,`-joined; `-` when empty.

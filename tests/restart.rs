@@ -530,3 +530,59 @@ fn an_unknown_layout_is_refused() {
     assert!(matches!(e, cleanup_queue::Error::Corrupted { .. }), "{e:?}");
     assert!(e.to_string().contains("unsupported database format"), "{e}");
 }
+
+/// With a small checkpoint size the write-ahead log checkpoints every few operations and
+/// starts over (its file stays at one 1 MiB step), and the state reopens exactly; a size
+/// under 4 KiB is refused.
+#[test]
+fn frequent_checkpoints_keep_the_log_small_and_reopen_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let clock = clock();
+    let pool = uuid();
+    let open = || {
+        path_builder(&path, &clock)
+            .durability(cleanup_queue::Durability::Fsync)
+            .wal_checkpoint_bytes(4096)
+            .open()
+            .unwrap()
+    };
+    let (kept, acked) = {
+        let q = open();
+        let mut kept = Vec::new();
+        let mut acked = Vec::new();
+        // About 3 MiB of records: without checkpoints the file would grow past 1 MiB.
+        for i in 0..5000 {
+            let id = enqueue_new(&q, pool, &format!("k{i}"));
+            if i % 3 == 0 {
+                let r = reserve_one(&q, pool);
+                let res = q
+                    .ack(pool, r.message.message_id, &r.reservation_token)
+                    .unwrap();
+                assert_eq!(res.status, OpStatus::Accepted);
+                acked.push(r.message.message_id);
+            }
+            kept.push(id);
+        }
+        let log = std::fs::metadata(path.join("wal")).unwrap().len();
+        assert_eq!(log, 1 << 20, "the log started over instead of growing");
+        (kept, acked)
+    };
+    let q = open();
+    assert_clean(&q);
+    for id in &kept {
+        let present = q.read_message(pool, *id).unwrap().is_some();
+        assert_eq!(present, !acked.contains(id), "{id}");
+    }
+    assert_eq!(
+        q.read_wakeup_sequence(pool).unwrap(),
+        5000,
+        "one wake per enqueue"
+    );
+    drop(q);
+    let e = path_builder(&path, &clock)
+        .wal_checkpoint_bytes(4095)
+        .open()
+        .unwrap_err();
+    assert!(matches!(e, cleanup_queue::Error::Config(_)), "{e:?}");
+}
