@@ -22,19 +22,22 @@
 //!
 //! In `Fsync` mode on disk, a round does not flush sled at all. It writes the batch as one
 //! record to a write-ahead log of its own (`wal`), `fdatasync`s that file, and only then
-//! applies the batch to sled as plain writes. sled's flush (its log buffer, `pwrite`,
-//! `sync_file_range`, then the `fdatasync` the promise needs) costs about three times a bare
-//! `fdatasync` of the log here, and nothing of it is needed while the log holds the batch.
-//! Once the log holds `wal::CHECKPOINT_BYTES`, the next round *checkpoints*: once every
+//! applies the batch to sled as plain writes, after releasing its waiters (the next round
+//! may log meanwhile; `apply_turn` keeps batches in log order). sled's flush (its log
+//! buffer, `pwrite`, `sync_file_range`, then the `fdatasync` the promise needs) costs about
+//! 2.5 times a bare `fdatasync` of the log here, and nothing of it is needed while the log
+//! holds the batch. Once the log holds its checkpoint size (`wal::CHECKPOINT_BYTES` by
+//! default), the next round *checkpoints*: once every
 //! logged batch is in sled, it records a new generation id (random) in `meta/wal`, flushes
 //! and `fdatasync`s sled, and starts the log over with that id. On open, the log's records of
 //! the generation in `meta/wal` are applied to sled in order, then (in `Fsync` mode, or if
 //! any were applied) a checkpoint follows. That is correct whatever prefix of its
 //! writes sled kept: each record holds final values, so applying all of them in order from
 //! any prefix of them gives the same state. A record reaches the log before any of its
-//! writes reach sled, and is on disk before the next record is written. `Flush` mode keeps
-//! flushing sled (its log is not synced, so after a power loss a record could be missing
-//! before a later one).
+//! writes reach sled, and is on disk before the next record is written. After a failed
+//! write nothing more is logged, applied or checkpointed. `Flush` mode keeps flushing sled
+//! (its log would not be synced, so after a power loss a record could be missing before a
+//! later one).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
