@@ -86,8 +86,9 @@ pub struct CommitStats {
     /// Storage commits that applied them: one per transaction in `Buffered` mode; in the
     /// durable modes one per flush round, covering every transaction staged before it.
     pub storage_commits: u64,
-    /// Durability flushes attempted (`Flush` and `Fsync` modes; always 0 in `Buffered` mode,
-    /// where the storage library flushes in the background).
+    /// Durability flushes attempted: sled flushes in `Flush` mode, write-ahead log syncs in
+    /// `Fsync` mode on disk (checkpoints not counted); always 0 in `Buffered` mode, where the
+    /// storage library flushes in the background.
     pub flushes: u64,
 }
 
