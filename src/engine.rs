@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use rand::TryRng;
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
@@ -860,10 +859,7 @@ pub(crate) fn corrupt_view(rec: &Record, detail: String) -> Error {
 
 /// A fencing token: 32 bytes from the OS, URL-safe base64 without padding (43 characters).
 fn new_token() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    rand::rngs::SysRng
-        .try_fill_bytes(&mut bytes)
-        .map_err(|e| Error::Io(std::io::Error::other(format!("OS randomness failed: {e}"))))?;
+    let bytes: [u8; 32] = crate::os_random()?;
     Ok(base64url(&bytes))
 }
 

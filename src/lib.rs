@@ -66,3 +66,13 @@ pub use model::{
 };
 pub use policy::Policy;
 pub use store::{CommitStats, Durability};
+
+/// `N` bytes from the OS's random source (reservation tokens, log generation ids).
+pub(crate) fn os_random<const N: usize>() -> Result<[u8; N]> {
+    use rand::TryRng;
+    let mut bytes = [0u8; N];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("OS randomness failed: {e}"))))?;
+    Ok(bytes)
+}

@@ -51,8 +51,6 @@ use std::time::Duration;
 use sled::transaction::{TransactionError, Transactional};
 use uuid::Uuid;
 
-use rand::TryRng;
-
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::keys::{self, TreeId};
@@ -254,7 +252,7 @@ impl Staged {
     fn range(&self, tree: TreeId, bounds: &KeyBounds) -> Vec<Entry> {
         let t = tree as usize;
         let applying = self.applying.iter().map(|a| &a.trees[t]);
-        let mut maps = applying
+        let maps = applying
             .chain([&self.current.trees[t]])
             .filter(|m| !m.is_empty());
         if is_empty(bounds) || maps.clone().next().is_none() {
@@ -262,7 +260,7 @@ impl Staged {
         }
         let mut out: BTreeMap<&Vec<u8>, &Option<Vec<u8>>> = BTreeMap::new();
         // Oldest first: a later batch's value of a key replaces an earlier one's.
-        for map in maps.by_ref() {
+        for map in maps {
             out.extend(map.range::<Vec<u8>, _>(bounds.clone()));
         }
         out.into_iter()
@@ -318,14 +316,6 @@ impl Iterator for Entries {
             }
         }
     }
-}
-
-fn random_u64() -> Result<u64> {
-    let mut bytes = [0u8; 8];
-    rand::rngs::SysRng
-        .try_fill_bytes(&mut bytes)
-        .map_err(|e| Error::Io(std::io::Error::other(format!("OS randomness failed: {e}"))))?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 fn write_one(tree: &sled::Tree, key: &[u8], value: Option<&[u8]>) -> Result<()> {
@@ -579,7 +569,7 @@ impl Store {
         }
         let mut next = current;
         while next == 0 || next == current {
-            next = random_u64()?;
+            next = u64::from_be_bytes(crate::os_random()?);
         }
         self.tree(TreeId::Meta)
             .insert(keys::META_WAL, &next.to_be_bytes())?;
@@ -684,11 +674,17 @@ impl Store {
         }
         let meta = self.tree(TreeId::Meta);
         meta.insert(keys::META_JOURNAL, journal)?;
+        self.write_each(writes)?;
+        meta.remove(keys::META_JOURNAL)?;
+        Ok(())
+    }
+
+    /// `writes` as plain sled writes, in order (atomic only through a journal or the log).
+    fn write_each(&self, writes: &[Write<'_>]) -> Result<()> {
         for (i, (tree, key, value)) in writes.iter().enumerate() {
             self.faults.before_applied_write(i as u64)?;
             write_one(self.tree(*tree), key, *value)?;
         }
-        meta.remove(keys::META_JOURNAL)?;
         Ok(())
     }
 
@@ -823,24 +819,16 @@ impl Store {
     /// Applies a logged batch to sled as plain writes (the log makes it atomic). On failure
     /// the engine is poisoned first, and the batch stays in the overlay: it is durable, the
     /// next open completes it, and sled without it is never read as state.
-    fn apply_logged(&self, mut logged: Logged<'_>) -> Result<()> {
-        let writes = logged.batch.writes();
-        let result = writes
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, (tree, key, value))| {
-                self.faults.before_applied_write(i as u64)?;
-                write_one(self.tree(*tree), key, *value)
-            });
+    fn apply_logged(&self, mut logged: Logged<'_>) {
+        let result = self.write_each(&logged.batch.writes());
         self.storage_commits.fetch_add(1, Ordering::Relaxed);
-        match &result {
+        match result {
             Ok(()) => {
                 self.applied(&logged.batch);
                 logged.done = true;
             }
             Err(e) => self.fail(e.to_string()),
         }
-        result
     }
 
     fn fail(&self, why: String) {
@@ -941,7 +929,7 @@ impl Store {
                 // while this one reaches sled. A failure poisons the engine, and this
                 // caller learns of it on the next turn of the loop.
                 drop(st);
-                let _ = self.apply_logged(logged);
+                self.apply_logged(logged);
                 st = lock(&self.flush);
             }
         }
@@ -1000,14 +988,17 @@ mod tests {
         .expect("open")
     }
 
-    fn on_disk(dir: &Path) -> Store {
+    fn try_on_disk(dir: &Path) -> Result<Store> {
         Store::open(StoreConfig {
             location: Location::Path(dir.to_path_buf()),
             cache_capacity: 1 << 20,
             durability: Durability::Fsync,
             wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
         })
-        .expect("open")
+    }
+
+    fn on_disk(dir: &Path) -> Store {
+        try_on_disk(dir).expect("open")
     }
 
     /// Commits one put and waits until it is durable.
@@ -1144,14 +1135,7 @@ mod tests {
         first[codec::WAL_HEADER] ^= 1;
         write(&[first.as_slice(), &second].concat());
         for _ in 0..2 {
-            let e = Store::open(StoreConfig {
-                location: Location::Path(path.clone()),
-                cache_capacity: 1 << 20,
-                durability: Durability::Fsync,
-                wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
-            })
-            .err()
-            .expect("refused");
+            let e = try_on_disk(&path).err().expect("refused");
             assert!(
                 matches!(
                     &e,
