@@ -14,7 +14,10 @@ never closes them, so every instance in a process shares one engine per database
   moved with :class:`cleanup_queue.testing.QueueClock`.
 - Policy (lease, max delivery attempts, completed idempotency retention) is read from
   Prefect's settings on every call and pushed into the engine before the operation.
-- Engine calls run in worker threads with the GIL released; the event loop never blocks.
+- Operations run inline on the event loop (tens of microseconds each); with ``fsync`` or
+  ``flush`` each then waits for its flush round, which a native thread leads and reports
+  through a pipe the loop watches, so the loop never blocks and makes no thread hop.
+  Reads and ``wait_for_wakeup`` run in worker threads with the GIL released.
 """
 
 from __future__ import annotations
@@ -146,76 +149,56 @@ def _maybe(model: type[_M], text: str | None) -> _M | None:
 
 
 class _Durability:
-    """Waits for the durability of many deferred calls of one engine on one event loop with
-    one worker-thread hop per flush round: the calls run inline on the loop
-    (``Engine.defer``); while a worker thread waits for the newest of them, the loop keeps
-    running (and staging) others; when the flush returns, every call it covered is
-    completed (wakeups published) here, so a caller cancelled meanwhile still publishes.
-    One per (loop, engine): ``_durability``."""
+    """Waits for the durability of many deferred calls of one engine on one event loop
+    without a thread hop: the calls run inline on the loop (``Engine.defer``); a native
+    thread of the engine's ``Notifier`` leads a flush round for the newest of them while the
+    loop keeps running (and staging) others, then makes a pipe the loop watches readable;
+    the loop completes (publishes the wakeups of) every call the round covered. A caller
+    cancelled meanwhile still has its call completed. One per (loop, engine):
+    ``_durability``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
+        self.notifier = engine.notifier()
         self.waiting: list[tuple[Pending, asyncio.Future[None]]] = []
-        self.task: asyncio.Task[None] | None = None
+        loop.add_reader(self.notifier.fileno(), self._round_ended)
 
     async def wait(self, pending: Pending) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self.waiting.append((pending, future))
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._run())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (pending, future)
+        self.waiting.append(entry)
+        self.notifier.request(pending)
         try:
             await future
         except asyncio.CancelledError:
-            # The caller is gone, but its write still becomes durable: its wakeups are
-            # published off the loop once it is (completing twice does nothing).
+            # The caller is gone (perhaps with its loop), but its write still becomes
+            # durable: its wakeups are published off the loop once it is (completing twice
+            # does nothing). Nothing here may keep a closed loop alive.
+            if entry in self.waiting:
+                self.waiting.remove(entry)
             _OPERATIONS.submit(self.engine.complete, pending)
             raise
 
-    def _complete(self, covered: list[tuple[Pending, asyncio.Future[None]]]) -> None:
+    def _round_ended(self) -> None:
+        failed = self.notifier.drain()
+        engine = self.engine
+        covered, rest = [], []
+        for w in self.waiting:
+            (covered if failed or engine.is_durable(w[0]) else rest).append(w)
+        self.waiting = rest
+        if rest:
+            # Calls staged while the round ran: calls on this loop commit in order, so
+            # the last one has the newest ticket.
+            self.notifier.request(rest[-1][0])
         for pending, future in covered:
             try:
-                self.engine.complete(pending)
-            except Exception as e:  # the flush failed: every covered call fails
+                engine.complete(pending)  # at once: durable, or the flush failed
+            except Exception as e:
                 if not future.done():
                     future.set_exception(e)
             else:
                 if not future.done():
                     future.set_result(None)
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self.waiting:
-                # Calls on this loop commit in order: the last one has the newest ticket.
-                newest = self.waiting[-1][0]
-                failure: Exception | None = None
-                try:
-                    await loop.run_in_executor(
-                        _OPERATIONS, self.engine.wait_durable, newest
-                    )
-                except Exception as e:  # the flush failed (or the executor did)
-                    failure = e
-                # The round may also have covered calls staged while it ran.
-                covered, rest = [], []
-                for w in self.waiting:
-                    (covered if self.engine.is_durable(w[0]) else rest).append(w)
-                self.waiting = rest if failure is None else []
-                self._complete(covered)
-                if failure is not None:
-                    for _, future in rest:
-                        if not future.done():
-                            future.set_exception(failure)
-        except BaseException:
-            # Cancelled (the loop is shutting down): the calls still waiting cannot be told,
-            # but their writes still become durable and their wakeups must be published.
-            waiting, self.waiting = self.waiting, []
-            for pending, future in waiting:
-                _OPERATIONS.submit(self.engine.complete, pending)
-                future.cancel()
-            raise
-        finally:
-            self.task = None  # also lets a closed loop be freed
 
 
 # Per event loop (weakly: a closed loop is freed), per engine.
@@ -225,10 +208,11 @@ _DURABILITY: weakref.WeakKeyDictionary[
 
 
 def _durability(engine: Engine) -> _Durability:
-    per_engine = _DURABILITY.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    per_engine = _DURABILITY.setdefault(loop, {})
     durability = per_engine.get(engine)
     if durability is None:
-        durability = per_engine[engine] = _Durability(engine)
+        durability = per_engine[engine] = _Durability(engine, loop)
     return durability
 
 
@@ -240,9 +224,9 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
 
     async def _mutate(self, fn: Callable[..., _M], *args: Any) -> _M:
         """Runs the mutating ``fn(*args)`` inline on the event loop, then waits for its
-        durability (``fsync``, ``flush``) sharing one worker-thread hop per flush round
-        with every concurrent call (``_Durability``). A thread hop per call would cost more
-        than the engine's work for it; the flush itself is shared either way."""
+        durability (``fsync``, ``flush``) in a flush round shared with every concurrent
+        call (``_Durability``). A thread hop would cost more than the engine's work for a
+        call; the flush itself is shared either way."""
         engine = self.engine
         engine.set_policy(*_policy())
         if engine.returns_at_once:

@@ -5,6 +5,7 @@
 //! timestamp format (RFC 3339, UTC, microseconds) are those of Prefect's pydantic models,
 //! so the Python side validates them straight into `CleanupQueue*` models.
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -132,6 +133,135 @@ struct Pending {
 impl Pending {
     fn take(&self) -> Option<cleanup_queue::Pending> {
         self.record.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// What a [`Notifier`]'s flusher thread and the event loop share.
+struct NotifierShared {
+    state: std::sync::Mutex<NotifierState>,
+    wake: std::sync::Condvar,
+    /// The write end of the pipe the event loop watches; at most one byte is ever in it.
+    signal: std::io::PipeWriter,
+}
+
+#[derive(Default)]
+struct NotifierState {
+    /// The newest record a caller wants durable, with its engine: taken by the thread,
+    /// which holds the engine only while it waits, so an idle thread keeps no database open.
+    wanted: Option<(Queue, cleanup_queue::Pending)>,
+    /// A byte is in the pipe.
+    signalled: bool,
+    /// The flush failed (the engine is poisoned): no record will ever be durable.
+    failed: bool,
+    /// The notifier is gone: the thread exits.
+    stop: bool,
+}
+
+impl NotifierShared {
+    fn signal(&self, st: &mut NotifierState) {
+        // A byte is written only when none is in the pipe, so the pipe never fills, and
+        // `signalled` is set only once it is there (`drain` then reads it without blocking).
+        if !st.signalled && (&self.signal).write_all(&[1]).is_ok() {
+            st.signalled = true;
+        }
+    }
+}
+
+/// Durability notifications for one event loop: a thread of its own leads a flush round
+/// whenever the loop asks for a record ([`Notifier::request`]), then writes a byte to a pipe
+/// the loop watches (`fileno`), so the loop learns of every round without a thread hop.
+#[pyclass(frozen, module = "cleanup_queue._native")]
+struct Notifier {
+    queue: Queue,
+    shared: std::sync::Arc<NotifierShared>,
+    reader: std::sync::Mutex<std::io::PipeReader>,
+}
+
+impl Notifier {
+    fn start(queue: Queue) -> std::io::Result<Notifier> {
+        let (reader, writer) = std::io::pipe()?;
+        let shared = std::sync::Arc::new(NotifierShared {
+            state: std::sync::Mutex::new(NotifierState::default()),
+            wake: std::sync::Condvar::new(),
+            signal: writer,
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("cleanup-queue-notifier".into())
+            .spawn(move || flusher(&thread_shared))?;
+        Ok(Notifier {
+            queue,
+            shared,
+            reader: std::sync::Mutex::new(reader),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, NotifierState> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn flusher(shared: &NotifierShared) {
+    let lock = || shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = lock();
+    loop {
+        if st.stop {
+            return;
+        }
+        let Some((queue, wanted)) = st.wanted.take() else {
+            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        drop(st);
+        let result = queue.wait_durable(&wanted);
+        drop(queue);
+        st = lock();
+        if result.is_err() {
+            st.failed = true;
+        }
+        shared.signal(&mut st);
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        let mut st = self.state();
+        st.stop = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+#[pymethods]
+impl Notifier {
+    /// The pipe's read end: readable once a flush round ended (or failed).
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_raw_fd()
+    }
+
+    /// Asks for `pending` to be made durable (replacing an older request).
+    fn request(&self, pending: &Pending) {
+        let mut st = self.state();
+        st.wanted = Some((self.queue.clone(), pending.probe.durability_only()));
+        self.shared.wake.notify_one();
+    }
+
+    /// Empties the pipe; returns whether a flush failed (then nothing will become durable).
+    fn drain(&self) -> bool {
+        let mut st = self.state();
+        if st.signalled {
+            st.signalled = false;
+            let mut byte = [0u8];
+            let _ = self
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_exact(&mut byte);
+        }
+        st.failed
     }
 }
 
@@ -279,6 +409,12 @@ impl Engine {
             Ok(v) => (Some(v), None, pending),
             Err(e) => (None, Some(e), pending),
         }
+    }
+
+    /// A new [`Notifier`] (one per event loop).
+    fn notifier(&self) -> PyResult<Notifier> {
+        Notifier::start(self.queue.clone())
+            .map_err(|e| CleanupQueueError::new_err(format!("cannot start a notifier: {e}")))
     }
 
     /// `(transactions, flushes)` since the engine was opened (`Queue::commit_stats`).
@@ -528,6 +664,11 @@ impl Engine {
             .map_err(to_py)
     }
 
+    /// Test hook: makes the `n`th durability flush from now fail (the engine is poisoned).
+    fn _inject_flush_failure(&self, n: u64) {
+        self.queue.inject_flush_failure(n);
+    }
+
     /// The engine's current time, in microseconds since the Unix epoch.
     fn now_us(&self) -> i64 {
         self.queue.now().as_micros()
@@ -559,6 +700,7 @@ impl Engine {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Pending>()?;
+    m.add_class::<Notifier>()?;
     m.add("CleanupQueueError", m.py().get_type::<CleanupQueueError>())?;
     Ok(())
 }

@@ -362,12 +362,13 @@ async def test_durability_comes_from_the_environment(
             WorkerCleanupQueue()
 
 
-async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_do_not(
+async def test_calls_never_leave_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # With buffered durability a call never waits for a flush, so the plug-in makes no
-    # thread hop; with fsync (the default) a write runs on the loop, then leaves it once to
-    # wait for its flush (shared with concurrent writes: see the next test).
+    # Every operation runs on the event loop and makes no worker-thread hop: with buffered
+    # durability a call never waits for a flush; with fsync (the default) a write waits for
+    # its flush round, which the engine's notifier thread leads and reports through a pipe
+    # the loop watches (see the next test).
     class NoThreads:
         used = 0
 
@@ -376,53 +377,34 @@ async def test_buffered_calls_and_empty_reserves_run_on_the_loop_durable_writes_
             raise AssertionError("no worker thread expected")
 
     monkeypatch.setattr(plugin, "_OPERATIONS", NoThreads())
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "buffered"))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "buffered:200")
-    q = WorkerCleanupQueue()
-    assert q.engine.returns_at_once
-    pool, message_id = uuid4(), uuid4()
-    await enqueue(q, pool, message_id=message_id, idempotency_key="k")
-    reservation = await q.reserve(work_pool_id=pool)
-    assert reservation is not None and reservation.message_id == message_id
-    ack = await q.ack(
-        work_pool_id=pool,
-        message_id=message_id,
-        reservation_token=reservation.reservation_token,
-    )
-    assert ack.status == "accepted"
-    assert NoThreads.used == 0
-    plugin._forget_engine(tmp_path / "buffered")
-
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    durable = WorkerCleanupQueue()
-    assert not durable.engine.returns_at_once
-    # An empty reserve (nothing due, nothing visible) is answered on the loop all the same.
-    assert await durable.reserve(work_pool_id=pool) is None
-    assert NoThreads.used == 0
-    with pytest.raises(AssertionError, match="no worker thread expected"):
-        await enqueue(durable, pool, idempotency_key="k2")
-    assert NoThreads.used == 1
-    plugin._forget_engine(tmp_path / "fsync")
+    for durability in ("buffered:200", "fsync"):
+        path = tmp_path / durability.replace(":", "-")
+        monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
+        monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", durability)
+        q = WorkerCleanupQueue()
+        assert q.engine.returns_at_once == (durability != "fsync")
+        pool, message_id = uuid4(), uuid4()
+        # An empty reserve (nothing due, nothing visible) is answered at once.
+        assert await q.reserve(work_pool_id=pool) is None
+        await enqueue(q, pool, message_id=message_id, idempotency_key="k")
+        reservation = await q.reserve(work_pool_id=pool)
+        assert reservation is not None and reservation.message_id == message_id
+        ack = await q.ack(
+            work_pool_id=pool,
+            message_id=message_id,
+            reservation_token=reservation.reservation_token,
+        )
+        assert ack.status == "accepted"
+        assert q.engine.read_wakeup_sequence(str(pool)) == 1
+        assert NoThreads.used == 0
+        plugin._forget_engine(path)
 
 
-async def test_concurrent_durable_writes_share_their_thread_hops(
+async def test_concurrent_durable_writes_share_flush_rounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Durable writes run on the loop; their flush waits are batched: one worker-thread hop
-    # per flush round, not one per call. Every call still returns only once durable, and
-    # the wakeups are published.
-    class Counting:
-        used = 0
-
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def submit(self, *args: Any, **kwargs: Any) -> Any:
-            Counting.used += 1
-            return self.inner.submit(*args, **kwargs)
-
-    monkeypatch.setattr(plugin, "_OPERATIONS", Counting(plugin._OPERATIONS))
+    # Durable writes run on the loop and share flush rounds: far fewer rounds than calls.
+    # Every call still returns only once durable, and the wakeups are published.
     monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
     monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
     q = WorkerCleanupQueue()
@@ -430,12 +412,56 @@ async def test_concurrent_durable_writes_share_their_thread_hops(
     calls = 32
     before = q.engine.commit_stats()[1]
 
-    await asyncio.gather(*(enqueue(q, pool, idempotency_key=f"k{i}") for i in range(calls)))
+    async def write(i: int) -> None:
+        message = await enqueue(q, pool, idempotency_key=f"k{i}")
+        # Returned: durable, so nothing is left waiting for this call.
+        assert q.engine.read_message(str(pool), str(message.message_id)) is not None
+
+    await asyncio.gather(*(write(i) for i in range(calls)))
     flushes = q.engine.commit_stats()[1] - before
-    assert 1 <= Counting.used < calls, Counting.used
-    assert flushes <= Counting.used
+    assert 1 <= flushes < calls, flushes
     assert await q.read_wakeup_sequence(pool) == calls
     plugin._forget_engine(tmp_path / "fsync")
+
+
+def test_a_failed_flush_fails_every_call_it_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The notifier thread's round fails: every call waiting for it raises (none hangs, none
+    # reports success), and so does every later call, until the database is reopened.
+    path = tmp_path / "fsync"
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    q = WorkerCleanupQueue()
+    pool = uuid4()
+
+    async def fail() -> None:
+        await enqueue(q, pool, idempotency_key="before")
+        q.engine._inject_flush_failure(1)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(enqueue(q, pool, idempotency_key=f"k{i}") for i in range(8)),
+                return_exceptions=True,
+            ),
+            timeout=10,
+        )
+        assert all(isinstance(r, CleanupQueueError) for r in results), results
+        with pytest.raises(CleanupQueueError, match="writing to disk failed"):
+            await enqueue(q, pool, idempotency_key="after")
+
+    asyncio.run(fail())
+    plugin._forget_engine(path)
+    del q
+    gc.collect()  # the closed loop, its notifier and the engine are freed
+
+    async def reopened() -> None:
+        # What was acknowledged before the failure is there.
+        q = WorkerCleanupQueue()
+        reservation = await q.reserve(work_pool_id=pool)
+        assert reservation is not None and reservation.idempotency_key == "before"
+
+    asyncio.run(reopened())
+    plugin._forget_engine(path)
 
 
 def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
