@@ -34,6 +34,27 @@ impl Timestamp {
     pub fn saturating_sub(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_sub(duration_micros(d)))
     }
+
+    /// The UTC calendar fields `(year, month, day, hour, minute, second, microsecond)`
+    /// (proleptic Gregorian; months and days from 1).
+    pub fn to_utc(self) -> (i64, u32, u32, u32, u32, u32, u32) {
+        let secs = self.0.div_euclid(1_000_000);
+        let micros = self.0.rem_euclid(1_000_000);
+        let days = secs.div_euclid(86_400);
+        let rem = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        // Every value below is in range: month 1..=12, day 1..=31, rem < 86_400.
+        let small = |v: i64| u32::try_from(v).unwrap_or(0);
+        (
+            y,
+            small(m),
+            small(d),
+            small(rem / 3600),
+            small(rem % 3600 / 60),
+            small(rem % 60),
+            small(micros),
+        )
+    }
 }
 
 /// A duration in whole microseconds, saturating at `i64::MAX`.
@@ -44,18 +65,8 @@ pub(crate) fn duration_micros(d: Duration) -> i64 {
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC with six fractional digits, e.g. `2026-12-04T15:55:00.000000Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.0.div_euclid(1_000_000);
-        let micros = self.0.rem_euclid(1_000_000);
-        let days = secs.div_euclid(86_400);
-        let rem = secs.rem_euclid(86_400);
-        let (y, m, d) = civil_from_days(days);
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60
-        )
+        let (y, m, d, h, min, s, us) = self.to_utc();
+        write!(f, "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{us:06}Z")
     }
 }
 
@@ -149,6 +160,21 @@ mod tests {
             "2026-12-04T15:55:00.123456Z"
         );
         assert_eq!(Timestamp(-1).to_string(), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn utc_fields() {
+        assert_eq!(Timestamp(0).to_utc(), (1970, 1, 1, 0, 0, 0, 0));
+        assert_eq!(
+            Timestamp(1_796_399_700_123_456).to_utc(),
+            (2026, 12, 4, 15, 55, 0, 123_456)
+        );
+        assert_eq!(Timestamp(-1).to_utc(), (1969, 12, 31, 23, 59, 59, 999_999));
+        // 2024-02-29T23:59:59.5Z, a leap day.
+        assert_eq!(
+            Timestamp(1_709_251_199_500_000).to_utc(),
+            (2024, 2, 29, 23, 59, 59, 500_000)
+        );
     }
 
     #[test]

@@ -6,7 +6,6 @@ released inside every native call) each loop enqueue -> reserve -> ack directly 
     python/.venv/bin/python python/bench/native_ceiling.py [threads ...]   # default 1 16 32
 """
 
-import json
 import os
 import resource
 import shutil
@@ -33,9 +32,9 @@ def run(engine, nthreads: int, seconds: float = 3.0) -> None:
         while time.perf_counter() < stop:
             m = str(uuid4())
             engine.enqueue(m, f"bench-{m}", pool, KIND, '{"flow_run_id":"x"}')
-            text, _, _ = engine.reserve(pool)
-            r = json.loads(text)
-            engine.ack(pool, r["message_id"], r["reservation_token"])
+            reservation, _, _ = engine.reserve(pool)
+            message, token, _ = reservation
+            engine.ack(pool, message[0], token)
             counts[i] += 1
 
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -1,9 +1,9 @@
 //! `cleanup_queue._native`: a thin PyO3 layer over the Rust engine.
 //!
-//! Every call releases the GIL while the engine works. Values cross the boundary as
-//! strings: ids as UUID text, payloads and results as JSON whose field names and
-//! timestamp format (RFC 3339, UTC, microseconds) are those of Prefect's pydantic models,
-//! so the Python side validates them straight into `CleanupQueue*` models.
+//! Every call releases the GIL while the engine works. Arguments cross the boundary as
+//! strings (ids as UUID text, payloads as JSON text); results come back as tuples of plain
+//! values in the field order of Prefect's `CleanupQueue*` models (see `message` below),
+//! which the Python side builds without parsing text.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -17,7 +17,8 @@ use cleanup_queue::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use serde_json::{json, Value};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
+use serde_json::Value;
 use uuid::Uuid;
 
 create_exception!(
@@ -47,71 +48,121 @@ fn json_arg(field: &str, text: &str) -> PyResult<Value> {
         .map_err(|e| PyValueError::new_err(format!("{field} is not valid JSON: {e}")))
 }
 
-fn ts(t: Timestamp) -> Value {
-    Value::String(t.to_string())
-}
-
-fn message_fields(m: &Message) -> serde_json::Map<String, Value> {
-    let mut o = serde_json::Map::new();
-    o.insert("message_id".into(), m.message_id.to_string().into());
-    o.insert("idempotency_key".into(), m.idempotency_key.clone().into());
-    o.insert("work_pool_id".into(), m.work_pool_id.to_string().into());
-    o.insert(
-        "work_queue_id".into(),
-        m.work_queue_id.map(|q| q.to_string()).into(),
-    );
-    o.insert("kind".into(), m.kind.as_str().into());
-    o.insert("target".into(), Value::Object(m.target.clone()));
-    o.insert("data".into(), Value::Object(m.data.clone()));
-    o.insert("created_at".into(), ts(m.created_at));
-    o.insert("updated_at".into(), ts(m.updated_at));
-    o.insert("delivery_count".into(), m.delivery_count.into());
-    o
-}
-
-fn message(m: &Message) -> Value {
-    Value::Object(message_fields(m))
-}
-
-/// `CleanupQueueReservation` is the message's fields plus the token and lease.
-fn reservation(r: &Reservation) -> Value {
-    let mut o = message_fields(&r.message);
-    o.insert(
-        "reservation_token".into(),
-        r.reservation_token.clone().into(),
-    );
-    o.insert("lease_expires_at".into(), ts(r.lease_expires_at));
-    Value::Object(o)
-}
-
-fn dead_letter(d: &DeadLetter) -> Value {
-    json!({
-        "message": message(&d.message),
-        "reason": d.reason,
-        "final_delivery_count": d.final_delivery_count,
-        "moved_at": ts(d.moved_at),
-        "reservation_token": d.reservation_token,
-        "lease_expires_at": d.lease_expires_at.map(ts),
-        "release_reason": d.release_reason,
+/// A JSON value as the Python value `json.loads` gives for it.
+fn json_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any(),
+            // serde_json holds every other number as a finite f64.
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => PyList::new(
+            py,
+            items
+                .iter()
+                .map(|x| json_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?,
+        )?
+        .into_any(),
+        Value::Object(map) => json_object(py, map)?.into_any(),
     })
 }
 
-fn op_result(r: &OperationResult) -> Value {
-    json!({
-        "message_id": r.message_id.to_string(),
-        "operation": r.operation.as_str(),
-        "status": r.status.as_str(),
-        "lease_expires_at": r.lease_expires_at.map(ts),
-        "reason": r.reason,
-        "dead_letter": r.dead_letter.as_ref().map(dead_letter),
-    })
+fn json_object<'py>(
+    py: Python<'py>,
+    map: &serde_json::Map<String, Value>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (k, v) in map {
+        dict.set_item(k, json_py(py, v)?)?;
+    }
+    Ok(dict)
 }
 
-fn expiry(e: &LeaseExpiryResult) -> Value {
-    json!({
-        "redelivered": e.redelivered.iter().map(message).collect::<Vec<_>>(),
-        "dead_lettered": e.dead_lettered.iter().map(dead_letter).collect::<Vec<_>>(),
-    })
+/// The results below cross as tuples of plain values, in the field order of Prefect's
+/// models, which `cleanup_queue.prefect` builds from them: ids as UUID text, timestamps as
+/// UTC `(year, month, day, hour, minute, second, microsecond)`, JSON objects as dicts.
+type Utc = (i64, u32, u32, u32, u32, u32, u32);
+
+fn message<'py>(py: Python<'py>, m: &Message) -> PyResult<Bound<'py, PyAny>> {
+    Ok((
+        m.message_id.to_string(),
+        m.idempotency_key.as_str(),
+        m.work_pool_id.to_string(),
+        m.work_queue_id.map(|q| q.to_string()),
+        m.kind.as_str(),
+        json_object(py, &m.target)?,
+        json_object(py, &m.data)?,
+        m.created_at.to_utc(),
+        m.updated_at.to_utc(),
+        m.delivery_count,
+    )
+        .into_pyobject(py)?
+        .into_any())
+}
+
+/// `(message, reservation_token, lease_expires_at)`.
+fn reservation<'py>(py: Python<'py>, r: &Reservation) -> PyResult<Bound<'py, PyAny>> {
+    Ok((
+        message(py, &r.message)?,
+        r.reservation_token.as_str(),
+        r.lease_expires_at.to_utc(),
+    )
+        .into_pyobject(py)?
+        .into_any())
+}
+
+/// `(message, reason, final_delivery_count, moved_at, reservation_token, lease_expires_at,
+/// release_reason)`.
+fn dead_letter<'py>(py: Python<'py>, d: &DeadLetter) -> PyResult<Bound<'py, PyAny>> {
+    Ok((
+        message(py, &d.message)?,
+        d.reason.as_str(),
+        d.final_delivery_count,
+        d.moved_at.to_utc(),
+        d.reservation_token.as_deref(),
+        d.lease_expires_at.map(Timestamp::to_utc),
+        d.release_reason.as_deref(),
+    )
+        .into_pyobject(py)?
+        .into_any())
+}
+
+/// `(message_id, operation, status, lease_expires_at, reason, dead_letter)`.
+fn op_result<'py>(py: Python<'py>, r: &OperationResult) -> PyResult<Bound<'py, PyAny>> {
+    let lease: Option<Utc> = r.lease_expires_at.map(Timestamp::to_utc);
+    Ok((
+        r.message_id.to_string(),
+        r.operation.as_str(),
+        r.status.as_str(),
+        lease,
+        r.reason.as_deref(),
+        r.dead_letter
+            .as_ref()
+            .map(|d| dead_letter(py, d))
+            .transpose()?,
+    )
+        .into_pyobject(py)?
+        .into_any())
+}
+
+/// `([message], [dead_letter])`.
+fn expiry<'py>(py: Python<'py>, e: &LeaseExpiryResult) -> PyResult<Bound<'py, PyAny>> {
+    let redelivered = e
+        .redelivered
+        .iter()
+        .map(|m| message(py, m))
+        .collect::<PyResult<Vec<_>>>()?;
+    let dead_lettered = e
+        .dead_lettered
+        .iter()
+        .map(|d| dead_letter(py, d))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((redelivered, dead_lettered).into_pyobject(py)?.into_any())
 }
 
 fn micros(us: i64) -> Duration {
@@ -446,12 +497,12 @@ impl Engine {
         .map_err(to_py)
     }
 
-    /// Returns `(duplicate, message_json)`.
+    /// Returns `(duplicate, message)`.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (message_id, idempotency_key, work_pool_id, kind, target_json, data_json = None, work_queue_id = None))]
-    fn enqueue(
+    fn enqueue<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         message_id: &str,
         idempotency_key: String,
         work_pool_id: &str,
@@ -459,7 +510,7 @@ impl Engine {
         target_json: &str,
         data_json: Option<&str>,
         work_queue_id: Option<&str>,
-    ) -> PyResult<(bool, String)> {
+    ) -> PyResult<(bool, Bound<'py, PyAny>)> {
         let kind = CleanupKind::from_str(kind).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let new = NewMessage {
             message_id: uuid(message_id)?,
@@ -473,21 +524,26 @@ impl Engine {
         let done = py
             .detach(|| self.queue.enqueue_detailed(new))
             .map_err(to_py)?;
-        Ok((done.duplicate, message(&done.message).to_string()))
+        Ok((done.duplicate, message(py, &done.message)?))
     }
 
-    /// Returns `(reservation_json | None, expiry_json | None, [scan dead letter json])`;
+    /// Returns `(reservation | None, expiry | None, [scan dead letter])`;
     /// the expiry is `None` when the pool had no due lease. Unknown kinds in the filter
     /// match nothing (they are dropped, not an error).
     #[pyo3(signature = (work_pool_id, cleanup_kinds = None, preferred_work_queue_ids = None, allow_fallback_to_any_queue = true))]
-    fn reserve(
+    #[allow(clippy::type_complexity)]
+    fn reserve<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         cleanup_kinds: Option<Vec<String>>,
         preferred_work_queue_ids: Option<Vec<String>>,
         allow_fallback_to_any_queue: bool,
-    ) -> PyResult<(Option<String>, Option<String>, Vec<String>)> {
+    ) -> PyResult<(
+        Option<Bound<'py, PyAny>>,
+        Option<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
+    )> {
         let (pool, filter) = reserve_args(
             work_pool_id,
             cleanup_kinds,
@@ -500,12 +556,15 @@ impl Engine {
         Ok((
             done.reservation
                 .as_ref()
-                .map(|r| reservation(r).to_string()),
-            (!done.expired.is_empty()).then(|| expiry(&done.expired).to_string()),
+                .map(|r| reservation(py, r))
+                .transpose()?,
+            (!done.expired.is_empty())
+                .then(|| expiry(py, &done.expired))
+                .transpose()?,
             done.dead_lettered
                 .iter()
-                .map(|d| dead_letter(d).to_string())
-                .collect(),
+                .map(|d| dead_letter(py, d))
+                .collect::<PyResult<_>>()?,
         ))
     }
 
@@ -531,59 +590,59 @@ impl Engine {
             .map_err(to_py)
     }
 
-    fn ack(
+    fn ack<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
         reservation_token: &str,
-    ) -> PyResult<String> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.ack(pool, id, reservation_token))
-            .map(|r| op_result(&r).to_string())
             .map_err(to_py)
+            .and_then(|r| op_result(py, &r))
     }
 
-    fn release(
+    fn release<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
         reservation_token: &str,
         reason: &str,
-    ) -> PyResult<String> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.release(pool, id, reservation_token, reason))
-            .map(|r| op_result(&r).to_string())
             .map_err(to_py)
+            .and_then(|r| op_result(py, &r))
     }
 
-    fn renew(
+    fn renew<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
         reservation_token: &str,
-    ) -> PyResult<String> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.renew(pool, id, reservation_token))
-            .map(|r| op_result(&r).to_string())
             .map_err(to_py)
+            .and_then(|r| op_result(py, &r))
     }
 
     /// A limit below 1 is the engine's input error ("limit must be at least 1").
     #[pyo3(signature = (limit = 100, work_pool_id = None))]
-    fn expire_leases(
+    fn expire_leases<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         limit: i64,
         work_pool_id: Option<&str>,
-    ) -> PyResult<String> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let limit = usize::try_from(limit).unwrap_or(0);
         let pool = opt_uuid(work_pool_id)?;
         py.detach(|| self.queue.expire_leases(limit, pool))
-            .map(|r| expiry(&r).to_string())
             .map_err(to_py)
+            .and_then(|r| expiry(py, &r))
     }
 
     /// Removes up to `limit` acked tombstones past the retention; returns how many.
@@ -592,41 +651,44 @@ impl Engine {
             .map_err(to_py)
     }
 
-    fn read_message(
+    fn read_message<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
-    ) -> PyResult<Option<String>> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.read_message(pool, id))
-            .map(|m| m.map(|m| message(&m).to_string()))
-            .map_err(to_py)
+            .map_err(to_py)?
+            .map(|v| message(py, &v))
+            .transpose()
     }
 
-    fn read_dead_letter(
+    fn read_dead_letter<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
-    ) -> PyResult<Option<String>> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.read_dead_letter(pool, id))
-            .map(|d| d.map(|d| dead_letter(&d).to_string()))
-            .map_err(to_py)
+            .map_err(to_py)?
+            .map(|v| dead_letter(py, &v))
+            .transpose()
     }
 
     /// The reservation currently held on a message, if any (an inspection helper).
-    fn read_reservation(
+    fn read_reservation<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         work_pool_id: &str,
         message_id: &str,
-    ) -> PyResult<Option<String>> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (pool, id) = (uuid(work_pool_id)?, uuid(message_id)?);
         py.detach(|| self.queue.read_reservation(pool, id))
-            .map(|r| r.map(|r| reservation(&r).to_string()))
-            .map_err(to_py)
+            .map_err(to_py)?
+            .map(|v| reservation(py, &v))
+            .transpose()
     }
 
     /// Bumps the pool's wakeup sequence; returns the new value.

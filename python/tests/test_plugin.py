@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
+from pydantic import BaseModel
 
 import cleanup_queue.prefect as plugin
 from cleanup_queue import CleanupQueueError
@@ -237,6 +238,111 @@ async def test_results_are_prefect_models_with_utc_microsecond_datetimes(
     assert reserved.lease_expires_at == clock.current + timedelta(seconds=30)
     stored = await queue.read_reservation(work_pool_id=pool, message_id=message.message_id)
     assert stored == reserved
+
+
+def assert_same(built: Any, validated: Any, where: str = "result") -> None:
+    """``built`` equals ``validated`` down to every value's type, dict order, datetime zone
+    object and each model's set of fields."""
+    assert type(built) is type(validated), (where, type(built), type(validated))
+    if isinstance(built, BaseModel):
+        assert built.model_fields_set == validated.model_fields_set, where
+        assert built.__pydantic_extra__ == validated.__pydantic_extra__, where
+        assert built.__pydantic_private__ == validated.__pydantic_private__, where
+        assert list(built.__dict__) == list(validated.__dict__), where
+        for name in type(built).model_fields:
+            assert_same(getattr(built, name), getattr(validated, name), f"{where}.{name}")
+    elif isinstance(built, dict):
+        assert list(built) == list(validated), where
+        for key in built:
+            assert_same(built[key], validated[key], f"{where}[{key!r}]")
+    elif isinstance(built, list):
+        assert len(built) == len(validated), where
+        for i, (a, b) in enumerate(zip(built, validated)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(built, datetime):
+        assert built == validated and built.fold == validated.fold, where
+        assert built.tzinfo is validated.tzinfo, (where, built.tzinfo, validated.tzinfo)
+    else:
+        assert built == validated, where
+
+
+def assert_as_validated(result: BaseModel) -> None:
+    """The plug-in builds results from the engine's values without validation: they must be
+    exactly what Prefect's validation of the same data gives."""
+    assert_same(result, type(result).model_validate_json(result.model_dump_json()))
+
+
+async def test_results_are_exactly_what_prefect_validation_gives(
+    queue: WorkerCleanupQueue, clock: QueueClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expiries: list[Any] = []
+    monkeypatch.setattr(plugin, "record_cleanup_queue_lease_expiry_result", expiries.append)
+    pool, work_queue = uuid4(), uuid4()
+    target = {
+        "flow_run_id": str(uuid4()),
+        "z": {"n": [1, -2, 2**63, 2**64 - 1, 2.5, 1e-7, None, True, False, "é ✓"]},
+        "a": [],
+        "m": {},
+    }
+    results: list[BaseModel] = []
+    first = await enqueue(queue, pool, target=target, data={"d": [{"e": 1}]},
+                          work_queue_id=work_queue, idempotency_key="k1")
+    assert first.target == target
+    results.append(first)
+    results.append(await enqueue(queue, pool, idempotency_key="k1"))  # duplicate
+    results.append(await enqueue(queue, pool, idempotency_key="k2", data=None))
+    reserved = await queue.reserve(work_pool_id=pool)
+    assert reserved is not None and reserved.message_id == first.message_id
+    results.append(reserved)
+    stored = await queue.read_reservation(work_pool_id=pool, message_id=reserved.message_id)
+    assert stored is not None
+    results.append(stored)
+    message = await queue.read_message(work_pool_id=pool, message_id=reserved.message_id)
+    assert message is not None
+    results.append(message)
+    token = reserved.reservation_token
+    clock.advance(timedelta(microseconds=999_999))
+    for operation in (queue.renew, queue.ack):
+        results.append(await operation(
+            work_pool_id=pool, message_id=reserved.message_id, reservation_token="bad"))
+        results.append(await operation(
+            work_pool_id=pool, message_id=reserved.message_id, reservation_token=token))
+    second = await queue.reserve(work_pool_id=pool)
+    assert second is not None
+    results.append(await queue.release(
+        work_pool_id=pool, message_id=second.message_id,
+        reservation_token=second.reservation_token, reason="worker restarting"))
+    # Expiry: one message redelivered, one dead-lettered (with its lease and token).
+    with temporary_settings({PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_MAX_DELIVERY_ATTEMPTS: 2}):
+        third = await queue.reserve(work_pool_id=pool)
+        assert third is not None
+        await enqueue(queue, pool, idempotency_key="k3")
+        fourth = await queue.reserve(work_pool_id=pool)
+        assert fourth is not None
+        clock.advance(timedelta(seconds=31))
+        expired = await queue.expire_leases()
+        assert expired.redelivered and expired.dead_lettered
+        results.append(expired)
+        dead = await queue.read_dead_letter(work_pool_id=pool, message_id=third.message_id)
+        assert dead is not None and dead.lease_expires_at is not None
+        results.append(dead)
+        # A release that uses up the attempts returns its dead letter.
+        again = await queue.reserve(work_pool_id=pool)
+        assert again is not None and again.delivery_count == 2
+        released = await queue.release(
+            work_pool_id=pool, message_id=again.message_id,
+            reservation_token=again.reservation_token, reason="gave up")
+        assert released.dead_letter is not None
+        results.append(released)
+        # A reserve's own expiry of the pool's due leases.
+        await enqueue(queue, pool, idempotency_key="k4")
+        assert await queue.reserve(work_pool_id=pool) is not None
+        clock.advance(timedelta(seconds=31))
+        results.append(await queue.reserve(work_pool_id=pool))
+    results.extend(e for e in expiries if e.redelivered or e.dead_lettered)
+    assert any(isinstance(r, plugin.CleanupQueueLeaseExpiryResult) for r in expiries)
+    for result in results:
+        assert_as_validated(result)
 
 
 async def test_metrics_hooks_are_called_like_the_memory_backend(
