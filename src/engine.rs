@@ -421,6 +421,14 @@ impl Queue {
             .wait_durable_gathering(pending.ticket, || inner.gather())
     }
 
+    /// [`wait_durable`](Queue::wait_durable) without group commit's gathering: should this
+    /// caller lead the flush round, it takes what is staged at once. For a thread that
+    /// flushes on behalf of callers it can count itself (the Prefect plug-in's notifier
+    /// gathers the calls of its event loop without spinning).
+    pub fn wait_durable_now(&self, pending: &Pending) -> Result<()> {
+        self.inner().store.wait_durable(pending.ticket)
+    }
+
     /// The active (visible or reserved) message, only from its own pool.
     pub fn read_message(&self, work_pool_id: Uuid, message_id: Uuid) -> Result<Option<Message>> {
         self.inner().read(work_pool_id, message_id, |r| {

@@ -175,3 +175,41 @@ fn a_durability_only_copy_waits_for_the_same_writes_and_publishes_nothing() {
     q.complete(pending).expect("complete");
     assert_eq!(published(), Some(2));
 }
+
+/// `wait_durable_now` makes a record durable like `wait_durable` (one round for everything
+/// staged), publishing nothing; `complete` then only publishes.
+#[test]
+fn wait_durable_now_flushes_what_is_staged_and_publishes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = fsync_queue(&dir);
+    let pool = uuid();
+    assert_eq!(q.read_wakeup_sequence(pool).expect("seq"), 0);
+    let (_, first) = q.deferred(|| q.enqueue(msg(pool, uuid(), "a")).expect("enqueue"));
+    let (_, second) = q.deferred(|| q.enqueue(msg(pool, uuid(), "b")).expect("enqueue"));
+    let before = q.commit_stats();
+    q.wait_durable_now(&second).expect("durable");
+    assert!(q.is_durable(&first) && q.is_durable(&second));
+    assert_eq!(
+        q.commit_stats().flushes,
+        before.flushes + 1,
+        "one round for both"
+    );
+    assert_eq!(
+        q.wait_for_wakeup(pool, 0, Some(Duration::ZERO))
+            .expect("check"),
+        None,
+        "nothing published yet"
+    );
+    q.complete(first).expect("complete");
+    q.complete(second).expect("complete");
+    assert_eq!(
+        q.commit_stats().flushes,
+        before.flushes + 1,
+        "no further flush"
+    );
+    let woke = q
+        .wait_for_wakeup(pool, 0, Some(Duration::ZERO))
+        .expect("check")
+        .expect("published at complete");
+    assert_eq!(woke.sequence, 2);
+}

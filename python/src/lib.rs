@@ -200,6 +200,13 @@ struct NotifierState {
     /// The newest record a caller wants durable, with its engine: taken by the thread,
     /// which holds the engine only while it waits, so an idle thread keeps no database open.
     wanted: Option<(Queue, cleanup_queue::Pending)>,
+    /// Requests since the thread last took one.
+    requests: usize,
+    /// How many requests the last round took: the thread waits (up to `GATHER`) for as
+    /// many before it leads the next one.
+    last_round: usize,
+    /// The thread sleeps until `requests` reaches this (0: until any request).
+    woken_at: usize,
     /// A byte is in the pipe.
     signalled: bool,
     /// The flush failed (the engine is poisoned): no record will ever be durable.
@@ -252,6 +259,14 @@ impl Notifier {
     }
 }
 
+/// How long the notifier thread waits for the calls of the last round to come back before it
+/// leads the next one: an event loop stages a call in tens of microseconds, a round takes
+/// hundreds, so a round that waits a little covers more calls (group commit), but while it
+/// waits the loop may run out of calls to stage. 16 tasks on 2 vCPUs, cycles/s over four
+/// alternating runs each: no wait 5.0k-6.0k (3.3 calls per round), 150 us 5.9k-6.5k (6.3),
+/// 300 us 5.2k-6.5k (7.7), 500 us 5.4k-5.7k (9.4).
+const GATHER: std::time::Duration = std::time::Duration::from_micros(200);
+
 fn flusher(shared: &NotifierShared) {
     let lock = || shared.state.lock().unwrap_or_else(|p| p.into_inner());
     let mut st = lock();
@@ -259,12 +274,33 @@ fn flusher(shared: &NotifierShared) {
         if st.stop {
             return;
         }
-        let Some((queue, wanted)) = st.wanted.take() else {
+        if st.wanted.is_none() {
+            st.woken_at = 0;
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
             continue;
+        }
+        // Gather: sleep (no spinning: the loop needs the CPU to stage) until as many calls
+        // as the last round took have asked, or `GATHER` has passed.
+        let until = std::time::Instant::now() + GATHER;
+        while !st.stop && st.requests < st.last_round {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st.woken_at = st.last_round;
+            st = shared
+                .wake
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.woken_at = 0;
+        let Some((queue, wanted)) = st.wanted.take() else {
+            continue;
         };
+        st.last_round = std::mem::take(&mut st.requests);
         drop(st);
-        let result = queue.wait_durable(&wanted);
+        let result = queue.wait_durable_now(&wanted);
         drop(queue);
         st = lock();
         if result.is_err() {
@@ -278,6 +314,7 @@ impl Drop for Notifier {
     fn drop(&mut self) {
         let mut st = self.state();
         st.stop = true;
+        st.woken_at = 0;
         self.shared.wake.notify_one();
     }
 }
@@ -297,7 +334,12 @@ impl Notifier {
     fn request(&self, pending: &Pending) {
         let mut st = self.state();
         st.wanted = Some((self.queue.clone(), pending.probe.durability_only()));
-        self.shared.wake.notify_one();
+        st.requests += 1;
+        // Wake the thread only when it waits for this request (idle, or gathered enough):
+        // a wake-up is a system call on the loop's thread.
+        if st.requests >= st.woken_at {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Empties the pipe; returns whether a flush failed (then nothing will become durable).
