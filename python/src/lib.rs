@@ -205,8 +205,9 @@ struct NotifierState {
     /// How many requests the last round took: the thread waits (up to `GATHER`) for as
     /// many before it leads the next one.
     last_round: usize,
-    /// The thread sleeps until `requests` reaches this (0: until any request).
-    woken_at: usize,
+    /// A request wakes the thread once `requests` reaches this; `usize::MAX` while the
+    /// thread is not sleeping (it looks at the state anyway before it sleeps again).
+    wake_at: usize,
     /// A byte is in the pipe.
     signalled: bool,
     /// The flush failed (the engine is poisoned): no record will ever be durable.
@@ -275,8 +276,9 @@ fn flusher(shared: &NotifierShared) {
             return;
         }
         if st.wanted.is_none() {
-            st.woken_at = 0;
+            st.wake_at = 1;
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.wake_at = usize::MAX;
             continue;
         }
         // Gather: sleep (no spinning: the loop needs the CPU to stage) until as many calls
@@ -287,14 +289,14 @@ fn flusher(shared: &NotifierShared) {
             if left.is_zero() {
                 break;
             }
-            st.woken_at = st.last_round;
+            st.wake_at = st.last_round;
             st = shared
                 .wake
                 .wait_timeout(st, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            st.wake_at = usize::MAX;
         }
-        st.woken_at = 0;
         let Some((queue, wanted)) = st.wanted.take() else {
             continue;
         };
@@ -314,7 +316,6 @@ impl Drop for Notifier {
     fn drop(&mut self) {
         let mut st = self.state();
         st.stop = true;
-        st.woken_at = 0;
         self.shared.wake.notify_one();
     }
 }
@@ -335,9 +336,9 @@ impl Notifier {
         let mut st = self.state();
         st.wanted = Some((self.queue.clone(), pending.probe.durability_only()));
         st.requests += 1;
-        // Wake the thread only when it waits for this request (idle, or gathered enough):
-        // a wake-up is a system call on the loop's thread.
-        if st.requests >= st.woken_at {
+        // Wake the thread only when it sleeps waiting for this request (idle, or gathered
+        // enough): a wake-up is a system call on the loop's thread.
+        if st.requests >= st.wake_at {
             self.shared.wake.notify_one();
         }
     }
