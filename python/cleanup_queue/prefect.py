@@ -141,8 +141,12 @@ def _policy() -> tuple[int, int, int | None]:
     )
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(default=to_jsonable_python, separators=(",", ":"))
+
+
 def _json(value: Mapping[str, Any]) -> str:
-    return json.dumps(dict(value), default=to_jsonable_python, separators=(",", ":"))
+    return _ENCODER.encode(dict(value))
 
 
 # Results come from the engine as tuples of plain values in the field order of Prefect's
@@ -304,6 +308,20 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
 
     def __init__(self) -> None:
         self.engine: Engine = open_engine()
+        # The loop and _Durability this instance used last, weakly (a closed loop and its
+        # notifier are freed): a cheaper lookup than _durability's for every call.
+        self._last: tuple[weakref.ref[Any], weakref.ref[_Durability]] | None = None
+
+    def _durability(self) -> _Durability:
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            durability = last[1]()
+            if durability is not None:
+                return durability
+        durability = _durability(self.engine)
+        self._last = (weakref.ref(loop), weakref.ref(durability))
+        return durability
 
     async def _mutate(self, fn: Callable[..., _M], *args: Any) -> _M:
         """Runs the mutating ``fn(*args)`` inline on the event loop, then waits for its
@@ -318,7 +336,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         if engine.is_durable(pending):
             engine.complete(pending)
         else:
-            await _durability(engine).wait(pending)
+            await self._durability().wait(pending)
         if error is not None:
             raise error
         return value
