@@ -422,11 +422,16 @@ impl Queue {
     }
 
     /// [`wait_durable`](Queue::wait_durable) without group commit's gathering: should this
-    /// caller lead the flush round, it takes what is staged at once. For a thread that
-    /// flushes on behalf of callers it can count itself (the Prefect plug-in's notifier
-    /// gathers the calls of its event loop without spinning).
-    pub fn wait_durable_now(&self, pending: &Pending) -> Result<()> {
-        self.inner().store.wait_durable(pending.ticket)
+    /// caller lead the flush round, it takes what is staged at once. `durable` runs as soon
+    /// as `pending`'s writes are durable (and not after a failure): should this caller lead
+    /// the round, before it goes on to apply the round's batch to sled, which durability
+    /// does not wait for. For a thread that flushes on behalf of callers it counts itself
+    /// (the Prefect plug-in's notifier gathers the calls of its event loop without
+    /// spinning, and tells the loop before the apply).
+    pub fn wait_durable_now(&self, pending: &Pending, durable: impl FnOnce()) -> Result<()> {
+        self.inner()
+            .store
+            .wait_durable_then(pending.ticket, durable)
     }
 
     /// The active (visible or reserved) message, only from its own pool.

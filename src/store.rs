@@ -876,21 +876,38 @@ impl Store {
 
     /// Returns once transaction `ticket` is as durable as the mode promises.
     pub fn wait_durable(&self, ticket: u64) -> Result<()> {
-        self.wait_durable_gathering(ticket, || {})
+        self.wait_round(ticket, || {}, || {})
     }
 
     /// [`wait_durable`](Store::wait_durable); should this caller lead the flush, it first
     /// runs `gather` (which lets concurrent writers stage into the batch).
     pub fn wait_durable_gathering(&self, ticket: u64, gather: impl Fn()) -> Result<()> {
+        self.wait_round(ticket, gather, || {})
+    }
+
+    /// [`wait_durable`](Store::wait_durable), running `durable` as soon as the ticket is
+    /// durable: should this caller lead the round, that is before it applies the round's
+    /// logged batch to sled (which the ticket's durability does not need).
+    pub fn wait_durable_then(&self, ticket: u64, durable: impl FnOnce()) -> Result<()> {
+        self.wait_round(ticket, || {}, durable)
+    }
+
+    fn wait_round(&self, ticket: u64, gather: impl Fn(), durable: impl FnOnce()) -> Result<()> {
         if let Durability::Buffered { .. } = self.durability {
+            durable();
             return Ok(());
         }
+        let mut durable = Some(durable);
         let mut st = lock(&self.flush);
         loop {
             if let Some(e) = &st.failed {
                 return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
             }
             if st.durable >= ticket {
+                drop(st);
+                if let Some(durable) = durable.take() {
+                    durable();
+                }
                 return Ok(());
             }
             if st.flushing {
@@ -928,7 +945,13 @@ impl Store {
                 // Durable already: the waiters go on (and the next round may log its batch)
                 // while this one reaches sled. A failure poisons the engine, and this
                 // caller learns of it on the next turn of the loop.
+                let covered = st.failed.is_none() && st.durable >= ticket;
                 drop(st);
+                if covered {
+                    if let Some(durable) = durable.take() {
+                        durable();
+                    }
+                }
                 self.apply_logged(logged);
                 st = lock(&self.flush);
             }

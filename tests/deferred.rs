@@ -187,7 +187,7 @@ fn wait_durable_now_flushes_what_is_staged_and_publishes_nothing() {
     let (_, first) = q.deferred(|| q.enqueue(msg(pool, uuid(), "a")).expect("enqueue"));
     let (_, second) = q.deferred(|| q.enqueue(msg(pool, uuid(), "b")).expect("enqueue"));
     let before = q.commit_stats();
-    q.wait_durable_now(&second).expect("durable");
+    q.wait_durable_now(&second, || {}).expect("durable");
     assert!(q.is_durable(&first) && q.is_durable(&second));
     assert_eq!(
         q.commit_stats().flushes,
@@ -212,4 +212,31 @@ fn wait_durable_now_flushes_what_is_staged_and_publishes_nothing() {
         .expect("check")
         .expect("published at complete");
     assert_eq!(woke.sequence, 2);
+}
+
+/// `wait_durable_now`'s callback runs once the writes are durable, exactly once, and not
+/// after a failed flush.
+#[test]
+fn wait_durable_now_calls_back_once_when_durable_and_never_after_a_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = fsync_queue(&dir);
+    let pool = uuid();
+    let (_, pending) = q.deferred(|| q.enqueue(msg(pool, uuid(), "a")).expect("enqueue"));
+    let mut calls = 0;
+    q.wait_durable_now(&pending, || {
+        assert!(q.is_durable(&pending), "durable before the callback");
+        calls += 1;
+    })
+    .expect("durable");
+    assert_eq!(calls, 1);
+    // Already durable: called at once.
+    q.wait_durable_now(&pending, || calls += 1)
+        .expect("durable");
+    assert_eq!(calls, 2);
+    q.complete(pending).expect("complete");
+    q.inject_flush_failure(1);
+    let (_, failing) = q.deferred(|| q.enqueue(msg(pool, uuid(), "b")).expect("enqueue"));
+    assert!(q.wait_durable_now(&failing, || calls += 1).is_err());
+    assert_eq!(calls, 2, "no callback after a failed flush");
+    assert!(q.complete(failing).is_err());
 }

@@ -302,13 +302,15 @@ fn flusher(shared: &NotifierShared) {
         };
         st.last_round = std::mem::take(&mut st.requests);
         drop(st);
-        let result = queue.wait_durable_now(&wanted);
+        // The loop learns of the round as soon as it is durable, before this thread applies
+        // the round's batch to sled.
+        let result = queue.wait_durable_now(&wanted, || shared.signal(&mut lock()));
         drop(queue);
         st = lock();
         if result.is_err() {
             st.failed = true;
+            shared.signal(&mut st);
         }
-        shared.signal(&mut st);
     }
 }
 
