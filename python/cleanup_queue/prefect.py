@@ -14,10 +14,12 @@ never closes them, so every instance in a process shares one engine per database
   moved with :class:`cleanup_queue.testing.QueueClock`.
 - Policy (lease, max delivery attempts, completed idempotency retention) is read from
   Prefect's settings on every call and pushed into the engine before the operation.
-- Operations run inline on the event loop (tens of microseconds each); with ``fsync`` or
-  ``flush`` each then waits for its flush round, which a native thread leads and reports
-  through a pipe the loop watches, so the loop never blocks and makes no thread hop.
-  Reads and ``wait_for_wakeup`` run in worker threads with the GIL released.
+- Mutating operations run inline on the event loop (tens of microseconds each, more for
+  ``expire_leases`` of many leases); with ``fsync`` or ``flush`` each then waits for its
+  flush round, which a native thread leads and reports through a pipe the loop watches
+  (``loop.add_reader``: asyncio's Unix loops and uvloop), so the loop never blocks and
+  makes no thread hop. Reads (inline with ``buffered:<ms>``) and ``wait_for_wakeup`` run in
+  worker threads with the GIL released.
 """
 
 from __future__ import annotations
@@ -157,9 +159,10 @@ def _json(value: Mapping[str, Any]) -> str:
 
 
 def _learn_datetime() -> tuple[Callable[..., datetime], Any]:
-    """The class and UTC zone of the timestamps Prefect's models hold after validation."""
+    """The class and UTC zone of the timestamps Prefect's models hold after validating
+    JSON text (which some Python versions give a zone object other than a datetime's)."""
     field = CleanupQueueMessage.model_fields["created_at"].annotation
-    probe = TypeAdapter(field).validate_python(_EPOCH)
+    probe = TypeAdapter(field).validate_json('"1970-01-01T00:00:00Z"')
     return type(probe), probe.tzinfo
 
 
@@ -272,11 +275,9 @@ class _Durability:
         covered, rest = [], []
         for w in self.waiting:
             (covered if failed or engine.is_durable(w[0]) else rest).append(w)
+        # A call not covered was staged after the thread took the round's request, so its
+        # own request is waiting for the next round.
         self.waiting = rest
-        if rest:
-            # Calls staged while the round ran: calls on this loop commit in order, so
-            # the last one has the newest ticket.
-            self.notifier.request(rest[-1][0])
         for pending, future in covered:
             try:
                 engine.complete(pending)  # at once: durable, or the flush failed
@@ -332,11 +333,14 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         engine.set_policy(*_policy())
         if engine.returns_at_once:
             return fn(*args)
+        # Before anything is written: should this loop give no durability notifications
+        # (no add_reader, no file descriptor left), the call fails having done nothing.
+        durability = self._durability()
         value, error, pending = engine.defer(fn, *args)
         if engine.is_durable(pending):
             engine.complete(pending)
         else:
-            await self._durability().wait(pending)
+            await durability.wait(pending)
         if error is not None:
             raise error
         return value

@@ -198,7 +198,9 @@ struct NotifierShared {
 #[derive(Default)]
 struct NotifierState {
     /// The newest record a caller wants durable, with its engine: taken by the thread,
-    /// which holds the engine only while it waits, so an idle thread keeps no database open.
+    /// which holds the engine only while it waits, so the thread itself keeps no database
+    /// open once idle (the `Notifier` does, for as long as it lives, as its loop's
+    /// `_Durability` holds the engine anyway).
     wanted: Option<(Queue, cleanup_queue::Pending)>,
     /// Requests since the thread last took one.
     requests: usize,
@@ -220,7 +222,9 @@ impl NotifierShared {
     fn signal(&self, st: &mut NotifierState) {
         // A byte is written only when none is in the pipe, so the pipe never fills, and
         // `signalled` is set only once it is there (`drain` then reads it without blocking).
-        if !st.signalled && (&self.signal).write_all(&[1]).is_ok() {
+        // Never once the notifier (and so the pipe's read end) is gone: `Drop` sets `stop`
+        // under this same lock.
+        if !st.stop && !st.signalled && (&self.signal).write_all(&[1]).is_ok() {
             st.signalled = true;
         }
     }
@@ -304,10 +308,14 @@ fn flusher(shared: &NotifierShared) {
         drop(st);
         // The loop learns of the round as soon as it is durable, before this thread applies
         // the round's batch to sled.
-        let result = queue.wait_durable_now(&wanted, || shared.signal(&mut lock()));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            queue.wait_durable_now(&wanted, || shared.signal(&mut lock()))
+        }));
         drop(queue);
         st = lock();
-        if result.is_err() {
+        // A round that panicked has poisoned the engine (`RoundGuard`): like a failed one,
+        // every waiting call must learn it, never wait for a thread that is gone.
+        if !matches!(result, Ok(Ok(()))) {
             st.failed = true;
             shared.signal(&mut st);
         }
@@ -522,13 +530,6 @@ impl Engine {
     /// Whether `pending` is already durable (never waits).
     fn is_durable(&self, pending: &Pending) -> bool {
         self.queue.is_durable(&pending.probe)
-    }
-
-    /// Blocks until `pending` is durable, without completing it (a waiter thread does this
-    /// once for many pending calls; each is then completed at once).
-    fn wait_durable(&self, py: Python<'_>, pending: &Pending) -> PyResult<()> {
-        py.detach(|| self.queue.wait_durable(&pending.probe))
-            .map_err(to_py)
     }
 
     /// Waits until `pending` is durable (at once if it is), then publishes its wakeups.

@@ -570,6 +570,34 @@ def test_a_failed_flush_fails_every_call_it_covered(
     plugin._forget_engine(path)
 
 
+def test_a_loop_without_durability_notifications_fails_calls_before_they_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loop that cannot watch the notifier's pipe (no add_reader) gets an error from a
+    # durable write, and the write did not happen.
+    path = tmp_path / "fsync"
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    q = WorkerCleanupQueue()
+    pool, message_id = uuid4(), uuid4()
+    before = q.engine.commit_stats()[0]
+
+    async def attempt() -> None:
+        loop = asyncio.get_running_loop()
+
+        def no_reader(*args: object) -> None:
+            raise NotImplementedError("no add_reader here")
+
+        monkeypatch.setattr(loop, "add_reader", no_reader)
+        with pytest.raises(NotImplementedError):
+            await enqueue(q, pool, message_id=message_id, idempotency_key="k")
+
+    asyncio.run(attempt())
+    assert q.engine.read_message(str(pool), str(message_id)) is None
+    assert q.engine.commit_stats()[0] == before, "nothing was committed"
+    plugin._forget_engine(path)
+
+
 def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
