@@ -289,15 +289,17 @@ class _Durability:
                     future.set_result(None)
 
 
-# Per event loop (weakly: a closed loop is freed), per engine.
+# Per event loop, per engine, both weakly: what keeps a _Durability alive is its loop's
+# reader registration (and the calls waiting on it), so a loop closed with calls still
+# waiting (whose futures refer to the loop) is freed with its _Durability and notifier.
 _DURABILITY: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[Engine, _Durability]
+    asyncio.AbstractEventLoop, weakref.WeakValueDictionary[Engine, _Durability]
 ] = weakref.WeakKeyDictionary()
 
 
 def _durability(engine: Engine) -> _Durability:
     loop = asyncio.get_running_loop()
-    per_engine = _DURABILITY.setdefault(loop, {})
+    per_engine = _DURABILITY.setdefault(loop, weakref.WeakValueDictionary())
     durability = per_engine.get(engine)
     if durability is None:
         durability = per_engine[engine] = _Durability(engine, loop)

@@ -622,3 +622,24 @@ def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
     gc.collect()
     assert len(plugin._DURABILITY) == 0
     plugin._forget_engine(tmp_path / "fsync")
+
+
+def test_a_loop_closed_with_calls_still_waiting_is_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loop closed without cancelling its tasks (their futures refer to the loop) is
+    # still freed with its notifier; the write it started is durable all the same.
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    q = WorkerCleanupQueue()
+    pool, message_id = uuid4(), uuid4()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(enqueue(q, pool, message_id=message_id))
+    loop.run_until_complete(asyncio.sleep(0))  # the write ran and waits for its flush
+    assert not task.done()
+    loop.close()
+    del loop, task
+    gc.collect()
+    assert len(plugin._DURABILITY) == 0
+    assert q.engine.read_message(str(pool), str(message_id)) is not None
+    plugin._forget_engine(tmp_path / "fsync")
