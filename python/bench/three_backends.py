@@ -236,10 +236,10 @@ async def cycles(
             else:
                 misses += 1
 
-    cpu0 = time.process_time()
+    cpu0, loop0 = time.process_time(), time.thread_time()
     await asyncio.gather(*(worker() for _ in range(tasks)))
     elapsed = time.perf_counter() - start
-    cpu1 = time.process_time()
+    cpu1, loop1 = time.process_time(), time.thread_time()
     rate = done / duration
     return {
         "tasks": tasks,
@@ -249,6 +249,9 @@ async def cycles(
         "mean_cycle_ms": tasks / rate * 1e3 if rate else None,
         "process_cpu_per_cycle_us": (cpu1 - cpu0) / total * 1e6 if total else None,
         "process_cpu_share": (cpu1 - cpu0) / elapsed,
+        # The event loop's own thread: how busy it was, and its CPU per cycle.
+        "loop_busy": (loop1 - loop0) / elapsed,
+        "loop_cpu_per_cycle_us": (loop1 - loop0) / total * 1e6 if total else None,
         "empty_reserves": misses,
         "transaction_failures": errors,
     }
@@ -365,9 +368,12 @@ async def run(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
                 entry["cycles"][str(tasks)] = await cycles(
                     backend, tasks, args.warmup, args.duration
                 )
+                done = entry["cycles"][str(tasks)]
+                loop_cpu = done["loop_cpu_per_cycle_us"] or 0.0
                 print(
                     f"round {index + 1} {name:9s} tasks={tasks:2d} "
-                    f"{entry['cycles'][str(tasks)]['cycles_per_s']:9.0f} cycles/s  "
+                    f"{done['cycles_per_s']:9.0f} cycles/s  "
+                    f"loop busy {done['loop_busy']:.2f}, {loop_cpu:.0f} µs/cycle  "
                     f"load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
