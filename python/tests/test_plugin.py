@@ -38,6 +38,16 @@ async def enqueue(queue: WorkerCleanupQueue, pool, **kw: Any):
     return await queue.enqueue(work_pool_id=pool, **kw)
 
 
+def open_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, WorkerCleanupQueue]:
+    """A queue on its own database with fsync durability (the default), real clock."""
+    path = tmp_path / "fsync"
+    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
+    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
+    return path, WorkerCleanupQueue()
+
+
 async def test_message_ids_are_scoped_per_pool(queue: WorkerCleanupQueue) -> None:
     pool_a, pool_b, message_id = uuid4(), uuid4(), uuid4()
     a = await enqueue(queue, pool_a, message_id=message_id, idempotency_key="a")
@@ -511,9 +521,7 @@ async def test_concurrent_durable_writes_share_flush_rounds(
 ) -> None:
     # Durable writes run on the loop and share flush rounds: far fewer rounds than calls.
     # Every call still returns only once durable, and the wakeups are published.
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    q = WorkerCleanupQueue()
+    path, q = open_fsync(tmp_path, monkeypatch)
     pool = uuid4()
     calls = 32
     before = q.engine.commit_stats()[1]
@@ -527,7 +535,7 @@ async def test_concurrent_durable_writes_share_flush_rounds(
     flushes = q.engine.commit_stats()[1] - before
     assert 1 <= flushes < calls, flushes
     assert await q.read_wakeup_sequence(pool) == calls
-    plugin._forget_engine(tmp_path / "fsync")
+    plugin._forget_engine(path)
 
 
 def test_a_failed_flush_fails_every_call_it_covered(
@@ -535,10 +543,7 @@ def test_a_failed_flush_fails_every_call_it_covered(
 ) -> None:
     # The notifier thread's round fails: every call waiting for it raises (none hangs, none
     # reports success), and so does every later call, until the database is reopened.
-    path = tmp_path / "fsync"
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    q = WorkerCleanupQueue()
+    path, q = open_fsync(tmp_path, monkeypatch)
     pool = uuid4()
 
     async def fail() -> None:
@@ -575,10 +580,7 @@ def test_a_loop_without_durability_notifications_fails_calls_before_they_write(
 ) -> None:
     # A loop that cannot watch the notifier's pipe (no add_reader) gets an error from a
     # durable write, and the write did not happen.
-    path = tmp_path / "fsync"
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(path))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    q = WorkerCleanupQueue()
+    path, q = open_fsync(tmp_path, monkeypatch)
     pool, message_id = uuid4(), uuid4()
     before = q.engine.commit_stats()[0]
 
@@ -604,9 +606,7 @@ def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
     # A durable write whose caller (and the loop's durability task) is cancelled while it
     # waits for its flush still becomes durable and still wakes the pool; the closed loops
     # are freed.
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    q = WorkerCleanupQueue()
+    path, q = open_fsync(tmp_path, monkeypatch)
     pool = uuid4()
     assert q.engine.read_wakeup_sequence(str(pool)) == 0  # a dispatcher is watching
 
@@ -621,7 +621,7 @@ def test_calls_cut_off_by_a_closing_loop_still_publish_their_wakeups(
         assert q.engine.wait_for_wakeup(str(pool), i, 5.0) == i + 1
     gc.collect()
     assert len(plugin._DURABILITY) == 0
-    plugin._forget_engine(tmp_path / "fsync")
+    plugin._forget_engine(path)
 
 
 def test_a_loop_closed_with_calls_still_waiting_is_freed(
@@ -629,9 +629,7 @@ def test_a_loop_closed_with_calls_still_waiting_is_freed(
 ) -> None:
     # A loop closed without cancelling its tasks (their futures refer to the loop) is
     # still freed with its notifier; the write it started is durable all the same.
-    monkeypatch.setenv("CLEANUP_QUEUE_PATH", str(tmp_path / "fsync"))
-    monkeypatch.setenv("CLEANUP_QUEUE_DURABILITY", "fsync")
-    q = WorkerCleanupQueue()
+    path, q = open_fsync(tmp_path, monkeypatch)
     pool, message_id = uuid4(), uuid4()
     loop = asyncio.new_event_loop()
     task = loop.create_task(enqueue(q, pool, message_id=message_id))
@@ -642,4 +640,4 @@ def test_a_loop_closed_with_calls_still_waiting_is_freed(
     gc.collect()
     assert len(plugin._DURABILITY) == 0
     assert q.engine.read_message(str(pool), str(message_id)) is not None
-    plugin._forget_engine(tmp_path / "fsync")
+    plugin._forget_engine(path)
