@@ -582,6 +582,13 @@ impl Queue {
     pub fn inject_flush_failure(&self, n: u64) {
         self.inner().store.faults.fail_flush_in(n);
     }
+
+    /// Test hook: makes the next durability flush panic (the round's callers must learn
+    /// that the engine is poisoned, never wait for ever).
+    #[doc(hidden)]
+    pub fn inject_flush_panic(&self) {
+        self.inner().store.faults.panic_next_flush();
+    }
 }
 
 /// State only the writer-lock holder touches.

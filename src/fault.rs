@@ -1,7 +1,7 @@
 //! Test-only failure injection in the storage layer: make the Nth transaction or the Nth
 //! flush fail, to prove that every state change is all-or-nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -14,6 +14,8 @@ pub(crate) struct Faults {
     fail_flush: AtomicU64,
     /// 0: off; n: the next journaled apply stops after its journal and n - 1 writes.
     tear_apply: AtomicU64,
+    /// The next flush panics (a bug in a flush round, as its callers would meet it).
+    panic_flush: AtomicBool,
 }
 
 impl Faults {
@@ -27,6 +29,11 @@ impl Faults {
     pub fn fail_flush_in(&self, n: u64) {
         let now = self.flushes.load(Ordering::SeqCst);
         self.fail_flush.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Makes the next flush panic.
+    pub fn panic_next_flush(&self) {
+        self.panic_flush.store(true, Ordering::SeqCst);
     }
 
     /// Stops the next batch applied through the journal after the journal and `writes` of
@@ -50,6 +57,9 @@ impl Faults {
     }
 
     pub fn before_flush(&self) -> Result<()> {
+        if self.panic_flush.swap(false, Ordering::SeqCst) {
+            panic!("injected flush panic");
+        }
         trip(&self.flushes, &self.fail_flush, "flush")
     }
 }

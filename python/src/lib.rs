@@ -777,6 +777,11 @@ impl Engine {
         self.queue.inject_flush_failure(n);
     }
 
+    /// Test hook: makes the next durability flush panic (the engine is poisoned).
+    fn _inject_flush_panic(&self) {
+        self.queue.inject_flush_panic();
+    }
+
     /// The engine's current time, in microseconds since the Unix epoch.
     fn now_us(&self) -> i64 {
         self.queue.now().as_micros()

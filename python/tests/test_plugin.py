@@ -538,17 +538,22 @@ async def test_concurrent_durable_writes_share_flush_rounds(
     plugin._forget_engine(path)
 
 
+@pytest.mark.parametrize("fault", ["failure", "panic"])
 def test_a_failed_flush_fails_every_call_it_covered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    # The notifier thread's round fails: every call waiting for it raises (none hangs, none
-    # reports success), and so does every later call, until the database is reopened.
+    # The notifier thread's round fails (an I/O error, or a bug that panics): every call
+    # waiting for it raises (none hangs, none reports success), and so does every later
+    # call, until the database is reopened.
     path, q = open_fsync(tmp_path, monkeypatch)
     pool = uuid4()
 
     async def fail() -> None:
         await enqueue(q, pool, idempotency_key="before")
-        q.engine._inject_flush_failure(1)
+        if fault == "failure":
+            q.engine._inject_flush_failure(1)
+        else:
+            q.engine._inject_flush_panic()
         results = await asyncio.wait_for(
             asyncio.gather(
                 *(enqueue(q, pool, idempotency_key=f"k{i}") for i in range(8)),
