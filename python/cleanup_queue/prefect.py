@@ -183,8 +183,8 @@ def _message_fields(t: tuple[Any, ...]) -> dict[str, Any]:
         "kind": kind,
         "target": target,
         "data": data,
-        "created_at": _DATETIME(*created, tzinfo=_UTC),
-        "updated_at": _DATETIME(*updated, tzinfo=_UTC),
+        "created_at": _ts(created),
+        "updated_at": _ts(updated),
         "delivery_count": count,
     }
 
