@@ -558,6 +558,15 @@ impl Queue {
         self.inner().store.commit_stats()
     }
 
+    /// Returns once every write of a returned call is also in the storage trees, not only
+    /// in the write-ahead log (`Fsync` mode on disk applies logged batches on a background
+    /// thread; other modes return at once). Nothing needs this for correctness: reads see
+    /// logged writes either way. It lets a test observe a failed apply, and a benchmark
+    /// start from a settled store. Returns [`Error::Poisoned`] if an apply failed.
+    pub fn wait_applied(&self) -> Result<()> {
+        self.inner().store.wait_applied()
+    }
+
     /// Checks every record and index against each other and the invariants. Returns the
     /// violations found (empty when healthy); reads the database once.
     pub fn check_integrity(&self) -> Result<Vec<String>> {

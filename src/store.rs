@@ -21,9 +21,11 @@
 //! on its own; a batch too large for one log entry is a sled transaction.
 //!
 //! In `Fsync` mode on disk, a round does not flush sled at all. It writes the batch as one
-//! record to a write-ahead log of its own (`wal`), `fdatasync`s that file, and only then
-//! applies the batch to sled as plain writes, after releasing its waiters (the next round
-//! may log meanwhile; `apply_turn` keeps batches in log order). sled's flush (its log
+//! record to a write-ahead log of its own (`wal`), `fdatasync`s that file, releases its
+//! waiters, and only then is the batch applied to sled as plain writes, strictly in log
+//! order (the next round may log meanwhile): a small batch by the round's leader, a large
+//! one (`expire_leases(1000)`) by the `Applier` thread, so that its caller returns once it
+//! is durable. sled's flush (its log
 //! buffer, `pwrite`, `sync_file_range`, then the `fdatasync` the promise needs) costs about
 //! 2.5 times a bare `fdatasync` of the log here, and nothing of it is needed while the log
 //! holds the batch. Once the log holds its checkpoint size (`wal::CHECKPOINT_BYTES` by
@@ -43,9 +45,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::iter::Peekable;
 use std::ops::{Bound, RangeBounds};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sled::transaction::{TransactionError, Transactional};
@@ -53,6 +57,7 @@ use uuid::Uuid;
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::fault::Faults;
 use crate::keys::{self, TreeId};
 use crate::machine::Record;
 use crate::wal::{self, Wal};
@@ -178,6 +183,11 @@ impl Overlay {
         self.trees.iter().all(BTreeMap::is_empty)
     }
 
+    /// How many writes the batch holds.
+    fn len(&self) -> usize {
+        self.trees.iter().map(BTreeMap::len).sum()
+    }
+
     fn writes(&self) -> Vec<Write<'_>> {
         TreeId::ALL
             .iter()
@@ -187,24 +197,6 @@ impl Overlay {
                     .map(move |(k, v)| (*t, k.as_slice(), v.as_deref()))
             })
             .collect()
-    }
-}
-
-/// A batch whose log record is durable, and its turn to be applied to sled. Dropped
-/// before it is applied (a panic), it poisons the engine before it gives up the turn.
-struct Logged<'a> {
-    store: &'a Store,
-    batch: Arc<Overlay>,
-    done: bool,
-    _turn: MutexGuard<'a, ()>,
-}
-
-impl Drop for Logged<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.store
-                .fail("a logged batch was not applied to sled".into());
-        }
     }
 }
 
@@ -338,6 +330,216 @@ fn prefix_bounds(prefix: &[u8]) -> KeyBounds {
     (Bound::Included(prefix.to_vec()), Bound::Unbounded)
 }
 
+/// `writes` as plain sled writes, in order (atomic only through a journal or the log).
+fn write_each(trees: &[sled::Tree], faults: &Faults, writes: &[Write<'_>]) -> Result<()> {
+    for (i, (tree, key, value)) in writes.iter().enumerate() {
+        faults.before_applied_write(i as u64)?;
+        write_one(&trees[*tree as usize], key, *value)?;
+    }
+    Ok(())
+}
+
+/// `batch` is in sled now: reads stop consulting it.
+fn applied(staged: &Mutex<Staged>, batch: &Arc<Overlay>) {
+    lock(staged).applying.retain(|b| !Arc::ptr_eq(b, batch));
+}
+
+/// Records the first failure: the engine is poisoned.
+fn fail(flush: &Mutex<FlushState>, why: String) {
+    lock(flush).failed.get_or_insert(why);
+}
+
+/// A logged batch of more writes than this is applied by the applier thread, and its round's
+/// leader returns once it is durable; a smaller one by the leader itself, in its turn, as
+/// waking another thread for it costs more than it saves on two cores (`BENCHMARKS.md`).
+const BACKGROUND_WRITES: usize = 256;
+
+/// A leader waits for the applier once more logged batches than this are not yet in sled.
+const MAX_UNAPPLIED: usize = 8;
+
+/// A logged batch on its way into sled, and who applies it.
+struct Unapplied {
+    batch: Arc<Overlay>,
+    by_leader: bool,
+}
+
+/// The logged batches not yet in sled, oldest first.
+#[derive(Default)]
+struct ApplyQueue {
+    pending: VecDeque<Unapplied>,
+    /// The front batch is being applied.
+    busy: bool,
+    closing: bool,
+}
+
+/// What applying a logged batch needs of the store (shared with the applier thread).
+struct ApplyWork {
+    trees: Vec<sled::Tree>,
+    staged: Arc<Mutex<Staged>>,
+    flush: Arc<Mutex<FlushState>>,
+    faults: Arc<Faults>,
+}
+
+impl ApplyWork {
+    /// Applies `batch` as plain writes (the log makes it atomic). After a failure nothing
+    /// more is written; a batch that failed (or panicked) stays in the overlay: it is
+    /// durable, the next open completes it, and sled without it is never read as state.
+    fn apply(&self, batch: &Arc<Overlay>) {
+        if lock(&self.flush).failed.is_some() {
+            return;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            write_each(&self.trees, &self.faults, &batch.writes())
+        }));
+        match result {
+            Ok(Ok(())) => applied(&self.staged, batch),
+            Ok(Err(e)) => fail(&self.flush, e.to_string()),
+            Err(_) => fail(&self.flush, "applying a logged batch panicked".into()),
+        }
+    }
+}
+
+/// Applies logged batches to sled strictly in log order (`Fsync` mode on disk): large ones
+/// on a thread of its own, after their callers were released; small ones through their
+/// leader ([`OwnBatch`]). Dropped, it applies what is queued, then ends its thread.
+struct Applier {
+    work: Arc<ApplyWork>,
+    queue: Arc<(Mutex<ApplyQueue>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Applier {
+    fn spawn(work: ApplyWork) -> Result<Applier> {
+        let work = Arc::new(work);
+        let queue = Arc::new((Mutex::new(ApplyQueue::default()), Condvar::new()));
+        let (w, q) = (work.clone(), queue.clone());
+        let thread = std::thread::Builder::new()
+            .name("cleanup-queue-applier".into())
+            .spawn(move || Applier::run(&w, &q))?;
+        Ok(Applier {
+            work,
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    /// The thread: applies the front batch whenever it is not its leader's to apply (or the
+    /// store is closing), until the store closes and nothing is left.
+    fn run(work: &ApplyWork, queue: &(Mutex<ApplyQueue>, Condvar)) {
+        let (state, changed) = queue;
+        loop {
+            let batch = {
+                let mut q = lock(state);
+                loop {
+                    match q.pending.front() {
+                        Some(u) if !q.busy && (!u.by_leader || q.closing) => {
+                            let batch = u.batch.clone();
+                            q.busy = true;
+                            break batch;
+                        }
+                        None if q.closing => return,
+                        _ => q = changed.wait(q).unwrap_or_else(|p| p.into_inner()),
+                    }
+                }
+            };
+            work.apply(&batch);
+            Applier::done(queue);
+        }
+    }
+
+    /// The front batch is in sled (or failed to get there).
+    fn done(queue: &(Mutex<ApplyQueue>, Condvar)) {
+        let (state, changed) = queue;
+        let mut q = lock(state);
+        q.pending.pop_front();
+        q.busy = false;
+        changed.notify_all();
+    }
+
+    /// Queues a logged batch (the caller holds the log: batches queue in log order). A
+    /// small one is the caller's to apply, through the returned [`OwnBatch`].
+    fn push(&self, batch: Arc<Overlay>) -> Option<OwnBatch<'_>> {
+        let by_leader = batch.len() <= BACKGROUND_WRITES;
+        let (state, changed) = &*self.queue;
+        lock(state).pending.push_back(Unapplied {
+            batch: batch.clone(),
+            by_leader,
+        });
+        if by_leader {
+            Some(OwnBatch {
+                applier: self,
+                batch: Some(batch),
+            })
+        } else {
+            changed.notify_all();
+            None
+        }
+    }
+
+    /// Returns once at most `n` logged batches are not yet in sled (or failed to get there).
+    fn wait_at_most(&self, n: usize) {
+        let (state, changed) = &*self.queue;
+        let q = lock(state);
+        let _q = changed
+            .wait_while(q, |q| q.pending.len() > n)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        let (state, changed) = &*self.queue;
+        lock(state).closing = true;
+        changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A small logged batch that its round's leader applies once every earlier one is in sled.
+/// Dropped unapplied (the leader unwinds), it is handed to the applier thread.
+struct OwnBatch<'a> {
+    applier: &'a Applier,
+    batch: Option<Arc<Overlay>>,
+}
+
+impl OwnBatch<'_> {
+    fn apply(mut self) {
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        let (state, changed) = &*self.applier.queue;
+        let q = lock(state);
+        let mut q = changed
+            .wait_while(q, |q| {
+                q.busy
+                    || !q
+                        .pending
+                        .front()
+                        .is_some_and(|u| Arc::ptr_eq(&u.batch, &batch))
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        q.busy = true;
+        drop(q);
+        self.applier.work.apply(&batch);
+        Applier::done(&self.applier.queue);
+    }
+}
+
+impl Drop for OwnBatch<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            let (state, changed) = &*self.applier.queue;
+            let mut q = lock(state);
+            if let Some(u) = q.pending.iter_mut().find(|u| Arc::ptr_eq(&u.batch, &batch)) {
+                u.by_leader = false;
+            }
+            changed.notify_all();
+        }
+    }
+}
+
 struct FlushState {
     /// Every transaction with a ticket `<= durable` is on disk.
     durable: u64,
@@ -348,6 +550,9 @@ struct FlushState {
 }
 
 pub(crate) struct Store {
+    /// Applies logged batches to sled (`Fsync` mode on disk only). First, so that a dropped
+    /// store joins it before anything else goes.
+    applier: Option<Applier>,
     db: sled::Db,
     trees: Vec<sled::Tree>,
     durability: Durability,
@@ -355,7 +560,7 @@ pub(crate) struct Store {
     sync_file: Option<File>,
     /// The write-ahead log (`Fsync` mode on disk only; see the module comment).
     wal: Option<Mutex<Wal>>,
-    staged: Mutex<Staged>,
+    staged: Arc<Mutex<Staged>>,
     /// Tickets handed out: one per committed transaction, in commit order.
     issued: AtomicU64,
     /// The last ticket a flush leader took into its batch (durable modes).
@@ -366,14 +571,11 @@ pub(crate) struct Store {
     storage_commits: AtomicU64,
     /// Durability flushes done.
     flushes: AtomicU64,
-    flush: Mutex<FlushState>,
+    flush: Arc<Mutex<FlushState>>,
     flushed: Condvar,
-    /// Held by the round whose logged batch goes into sled next: batches reach sled in log
-    /// order, and a checkpoint sees all of them there.
-    apply_turn: Mutex<()>,
     path: Option<PathBuf>,
     /// Test-only failure injection.
-    pub(crate) faults: crate::fault::Faults,
+    pub(crate) faults: Arc<Faults>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -443,29 +645,37 @@ impl Store {
         };
         let checkpoint_bytes = config.wal_checkpoint_bytes;
         let mut store = Store {
+            applier: None,
             db,
             trees,
             durability: config.durability,
             sync_file,
             wal: None,
-            staged: Mutex::default(),
+            staged: Arc::default(),
             issued: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             last_batch: AtomicU64::new(0),
             storage_commits: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
-            flush: Mutex::new(FlushState {
+            flush: Arc::new(Mutex::new(FlushState {
                 durable: 0,
                 flushing: false,
                 failed: None,
-            }),
+            })),
             flushed: Condvar::new(),
-            apply_turn: Mutex::new(()),
             path,
-            faults: Default::default(),
+            faults: Arc::default(),
         };
         store.check_format()?;
         store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
+        if store.wal.is_some() {
+            store.applier = Some(Applier::spawn(ApplyWork {
+                trees: store.trees.clone(),
+                staged: store.staged.clone(),
+                flush: store.flush.clone(),
+                faults: store.faults.clone(),
+            })?);
+        }
         Ok(store)
     }
 
@@ -681,11 +891,7 @@ impl Store {
 
     /// `writes` as plain sled writes, in order (atomic only through a journal or the log).
     fn write_each(&self, writes: &[Write<'_>]) -> Result<()> {
-        for (i, (tree, key, value)) in writes.iter().enumerate() {
-            self.faults.before_applied_write(i as u64)?;
-            write_one(self.tree(*tree), key, *value)?;
-        }
-        Ok(())
+        write_each(&self.trees, &self.faults, writes)
     }
 
     /// Writes `writes` as one sled transaction.
@@ -733,9 +939,7 @@ impl Store {
     /// `batch` is in sled now; or, after a failure, never will be: the engine is poisoned
     /// (every later call is refused), so what sled shows without it is never read as state.
     fn applied(&self, batch: &Arc<Overlay>) {
-        lock(&self.staged)
-            .applying
-            .retain(|b| !Arc::ptr_eq(b, batch));
+        applied(&self.staged, batch);
     }
 
     /// Writes everything staged as one batch with `write` and returns the last ticket it
@@ -759,24 +963,16 @@ impl Store {
         }
     }
 
-    /// A flush leader's round with a log, up to the point where its batch is durable: takes
-    /// the batch and logs it (see the module comment). Returns the last ticket it covers,
-    /// and the batch with the right to apply it (once every earlier batch is in sled).
-    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, Option<Logged<'_>>)> {
+    /// A flush leader's round with a log: takes the batch, logs it and queues it to be
+    /// applied (see the module comment). Returns the last ticket it covers, and whether a
+    /// batch was logged, with the batch if it is the leader's to apply.
+    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, Option<Option<OwnBatch<'_>>>)> {
         let (target, batch) = self.take_batch()?;
         let Some(batch) = batch else {
             return Ok((target, None));
         };
-        match self.log_batch(&mut lock(log), &batch) {
-            Ok(turn) => Ok((
-                target,
-                Some(Logged {
-                    store: self,
-                    batch,
-                    done: false,
-                    _turn: turn,
-                }),
-            )),
+        match self.log_batch(&mut lock(log), batch.clone()) {
+            Ok(own) => Ok((target, Some(own))),
             Err(e) => {
                 self.applied(&batch);
                 Err(e)
@@ -784,55 +980,43 @@ impl Store {
         }
     }
 
-    /// Writes `batch` to the log and syncs it, checkpointing first when the log is full;
-    /// then waits for the earlier batches to be in sled. Refused once a write failed: before
-    /// it logs (an earlier round failed after this one took its batch; should one fail
-    /// while this one logs, both records replay in order), and before it checkpoints or
-    /// applies.
-    fn log_batch(&self, log: &mut Wal, batch: &Overlay) -> Result<MutexGuard<'_, ()>> {
+    /// Writes `batch` to the log, syncs it and queues it for the applier (in log order: the
+    /// caller holds the log), checkpointing first when the log is full. Refused once a
+    /// write failed: before it logs (an earlier round failed after this one took its batch;
+    /// should one fail while this one logs, both records replay in order), and before it
+    /// checkpoints.
+    fn log_batch(&self, log: &mut Wal, batch: Arc<Overlay>) -> Result<Option<OwnBatch<'_>>> {
         let record = codec::encode_journal(batch.writes()).map_err(Error::Storage)?;
         if let Some(e) = self.failure() {
             // An earlier round failed after this one took its batch.
             return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
         }
         if log.is_full() {
-            let _turn = self.apply_turn()?;
+            self.wait_applied()?;
             self.checkpoint(log)?;
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.faults.before_flush()?;
         log.append(&record)?;
         log.sync()?;
-        self.apply_turn()
+        self.storage_commits.fetch_add(1, Ordering::Relaxed);
+        Ok(self.applier.as_ref().and_then(|a| a.push(batch)))
     }
 
-    /// Waits until every earlier logged batch is in sled; refused if one failed to get
-    /// there (nothing may be written to sled after it, nor a checkpoint retire its record).
-    fn apply_turn(&self) -> Result<MutexGuard<'_, ()>> {
-        let turn = lock(&self.apply_turn);
+    /// Returns once every logged batch is in sled; refused if one failed to get there
+    /// (nothing may be written to sled after it, nor a checkpoint retire its record).
+    pub fn wait_applied(&self) -> Result<()> {
+        if let Some(applier) = &self.applier {
+            applier.wait_at_most(0);
+        }
         match self.failure() {
             Some(e) => Err(Error::Poisoned(format!("writing to disk failed: {e}"))),
-            None => Ok(turn),
-        }
-    }
-
-    /// Applies a logged batch to sled as plain writes (the log makes it atomic). On failure
-    /// the engine is poisoned first, and the batch stays in the overlay: it is durable, the
-    /// next open completes it, and sled without it is never read as state.
-    fn apply_logged(&self, mut logged: Logged<'_>) {
-        let result = self.write_each(&logged.batch.writes());
-        self.storage_commits.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                self.applied(&logged.batch);
-                logged.done = true;
-            }
-            Err(e) => self.fail(e.to_string()),
+            None => Ok(()),
         }
     }
 
     fn fail(&self, why: String) {
-        lock(&self.flush).failed.get_or_insert(why);
+        fail(&self.flush, why);
     }
 
     /// The ticket of the last committed transaction: waiting for it makes everything a
@@ -900,15 +1084,17 @@ impl Store {
         let mut durable = Some(durable);
         let mut st = lock(&self.flush);
         loop {
-            if let Some(e) = &st.failed {
-                return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
-            }
+            // Durable first: a failure after the round that covered `ticket` (the applier's,
+            // or a later round's) takes nothing from it.
             if st.durable >= ticket {
                 drop(st);
                 if let Some(durable) = durable.take() {
                     durable();
                 }
                 return Ok(());
+            }
+            if let Some(e) = &st.failed {
+                return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
             }
             if st.flushing {
                 st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -941,10 +1127,11 @@ impl Store {
                 }
             }
             self.flushed.notify_all();
-            if let Some(logged) = logged {
+            if let (Some(own), Some(applier)) = (logged, &self.applier) {
                 // Durable already: the waiters go on (and the next round may log its batch)
-                // while this one reaches sled. A failure poisons the engine, and this
-                // caller learns of it on the next turn of the loop.
+                // while this one reaches sled, through this leader if it is small, else
+                // through the applier thread. Should that fall behind, the leader waits for
+                // it: this bounds the batches that reads look through.
                 let covered = st.failed.is_none() && st.durable >= ticket;
                 drop(st);
                 if covered {
@@ -952,7 +1139,10 @@ impl Store {
                         durable();
                     }
                 }
-                self.apply_logged(logged);
+                match own {
+                    Some(own) => own.apply(),
+                    None => applier.wait_at_most(MAX_UNAPPLIED),
+                }
                 st = lock(&self.flush);
             }
         }
@@ -1054,12 +1244,15 @@ mod tests {
             let before = {
                 let store = on_disk(&path);
                 put(&store, b"a", b"1");
+                store.wait_applied().expect("applied");
                 store.faults.tear_apply_after(applied);
                 let mut ws = WriteSet::default();
                 ws.put(TreeId::Redrives, &b"b"[..], b"2".to_vec());
                 ws.delete(TreeId::Redrives, &b"a"[..]);
                 let ticket = store.commit(ws).expect("commit");
-                let e = store.wait_durable(ticket).expect_err("torn");
+                // Durable once logged: the apply tears afterwards, off the caller's path.
+                store.wait_durable(ticket).expect("durable");
+                let e = store.wait_applied().expect_err("torn");
                 assert!(e.to_string().contains("injected torn apply"), "{e}");
                 let b = store.tree(TreeId::Redrives).get(b"b").expect("get");
                 assert!(b.is_none(), "the put never reached sled");
@@ -1191,16 +1384,15 @@ mod tests {
         store.fail("injected: an earlier batch failed".into());
         let mut batch = Overlay::default();
         batch.insert(TreeId::Redrives, b"late".to_vec(), Some(b"v".to_vec()));
+        let batch = Arc::new(batch);
         let log = store.wal.as_ref().expect("a log in Fsync mode");
         assert!(lock(log).is_full());
         for full in [true, false] {
             if !full {
                 lock(log).restart(before);
             }
-            let e = store
-                .log_batch(&mut lock(log), &batch)
-                .expect_err("refused");
-            assert!(matches!(e, Error::Poisoned(_)), "{full}: {e:?}");
+            let r = store.log_batch(&mut lock(log), batch.clone());
+            assert!(matches!(r, Err(Error::Poisoned(_))), "{full}");
         }
         assert_eq!(generation(&store), before, "no checkpoint");
         assert_eq!(

@@ -469,9 +469,14 @@ fn a_batch_torn_after_its_journal_is_completed_on_reopen() {
             .expect("reserve")
             .expect("a visible message");
         assert_eq!(r.message.message_id, a);
-        // The ack writes its record, drops the lease entry and adds a tombstone.
+        // The ack writes its record, drops the lease entry and adds a tombstone. The
+        // earlier batches first reach the trees, so that the ack's is the one torn.
+        q.wait_applied().expect("applied");
         q.inject_torn_apply(k);
-        match q.ack(pool, a, &r.reservation_token) {
+        // In `Fsync` mode the ack is durable once logged and returns; its batch is applied
+        // to the trees after it, on the applier thread, and a torn apply shows there.
+        let acked = q.ack(pool, a, &r.reservation_token);
+        match acked.and_then(|res| q.wait_applied().map(|()| res)) {
             Ok(res) => {
                 assert_eq!(res.status, OpStatus::Accepted);
                 assert!(
