@@ -1265,6 +1265,89 @@ mod tests {
         }
     }
 
+    /// A logged batch larger than `BACKGROUND_WRITES` reaches sled through the applier
+    /// thread: its caller returns once it is durable, a read sees it at once, and an apply
+    /// that fails there leaves the caller's result standing, refuses later writes and is
+    /// completed by the next open. A dropped store first applies what it queued.
+    #[test]
+    fn a_large_batch_is_applied_by_the_applier_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let large = |tag: &str| {
+            let mut ws = WriteSet::default();
+            for i in 0..=BACKGROUND_WRITES {
+                ws.put(TreeId::Redrives, format!("{tag}{i:04}"), b"v".to_vec());
+            }
+            ws
+        };
+        {
+            let store = on_disk(&path);
+            let ticket = store.commit(large("a")).expect("commit");
+            store.wait_durable(ticket).expect("durable");
+            assert_eq!(value(&store, b"a0256"), Some(b"v".to_vec()), "read at once");
+            store.wait_applied().expect("applied");
+            let t = store.tree(TreeId::Redrives);
+            assert_eq!(t.len(), BACKGROUND_WRITES + 1, "all in sled");
+            // Dropped right after a large batch: the next open has it (applied by the
+            // applier before it ends, or else replayed from the log).
+            let ticket = store.commit(large("b")).expect("commit");
+            store.wait_durable(ticket).expect("durable");
+        }
+        {
+            let store = on_disk(&path);
+            assert_eq!(
+                store.tree(TreeId::Redrives).len(),
+                2 * (BACKGROUND_WRITES + 1)
+            );
+            store.faults.tear_apply_after(7);
+            let ticket = store.commit(large("c")).expect("commit");
+            store.wait_durable(ticket).expect("durable once logged");
+            let e = store.wait_applied().expect_err("torn on the applier");
+            assert!(e.to_string().contains("injected torn apply"), "{e}");
+            assert_eq!(value(&store, b"c0200"), Some(b"v".to_vec()), "read whole");
+            let mut ws = WriteSet::default();
+            ws.put(TreeId::Redrives, &b"late"[..], b"v".to_vec());
+            let r = store.commit(ws).and_then(|t| store.wait_durable(t));
+            assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+        }
+        let store = on_disk(&path);
+        assert_eq!(
+            value(&store, b"c0200"),
+            Some(b"v".to_vec()),
+            "completed on open"
+        );
+        assert_eq!(
+            store.tree(TreeId::Redrives).len(),
+            3 * (BACKGROUND_WRITES + 1)
+        );
+    }
+
+    /// A leader that unwinds before applying its small logged batch (its `durable`
+    /// callback panics) hands the batch to the applier thread: it still reaches sled, and
+    /// later batches are not held up behind it.
+    #[test]
+    fn a_small_batch_whose_leader_unwinds_is_applied_all_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = on_disk(&dir.path().join("db"));
+        let mut ws = WriteSet::default();
+        ws.put(TreeId::Redrives, &b"k"[..], b"v".to_vec());
+        let ticket = store.commit(ws).expect("commit");
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            store.wait_durable_then(ticket, || panic!("injected panic in a callback"))
+        }));
+        assert!(unwound.is_err(), "the callback panicked");
+        store.wait_applied().expect("applied");
+        let k = store.tree(TreeId::Redrives).get(b"k").expect("get");
+        assert_eq!(k.as_deref(), Some(&b"v"[..]));
+        put(&store, b"next", b"v");
+        store.wait_applied().expect("applied");
+        assert!(store
+            .tree(TreeId::Redrives)
+            .get(b"next")
+            .expect("get")
+            .is_some());
+    }
+
     /// Once the log is full the next round checkpoints: the generation advances and the log
     /// starts over from the start of its file. Records of the earlier generation that remain after
     /// the new end are never applied again (here one would take `y` back to an old value).
