@@ -975,8 +975,13 @@ impl Inner {
     /// round took (the callers that round released usually come straight back; on a small
     /// machine they are still waiting for a CPU). A lone caller finds neither and flushes at
     /// once; the wait is bounded by `GATHER_MAX` and never blocks on the lock itself (a long
-    /// holder, such as an export, must not hold committed callers past the bound).
+    /// holder, such as an export, must not hold committed callers past the bound). A batch
+    /// already large (`Store::staged_is_large`, as `expire_leases` of hundreds of leases
+    /// stages) costs milliseconds on its own: it goes at once.
     fn gather(&self) {
+        if self.store.staged_is_large() {
+            return;
+        }
         let started = Instant::now();
         while started.elapsed() < GATHER_MAX {
             let (staged, last) = self.store.staging_counts();

@@ -399,37 +399,59 @@ impl ApplyWork {
     }
 }
 
+/// The applier's queue and its two signals: the thread waits for `work` (a batch that is
+/// its to apply, or closing), leaders and `wait_applied` for `progress` (the front batch
+/// done). Separate, so that a leader's own apply never wakes the thread for nothing.
+#[derive(Default)]
+struct ApplyShared {
+    queue: Mutex<ApplyQueue>,
+    work: Condvar,
+    progress: Condvar,
+}
+
+impl ApplyShared {
+    /// The front batch is in sled (or failed to get there).
+    fn done(&self) {
+        let mut q = lock(&self.queue);
+        q.pending.pop_front();
+        q.busy = false;
+        if q.pending.front().is_some_and(|u| !u.by_leader) {
+            self.work.notify_one();
+        }
+        self.progress.notify_all();
+    }
+}
+
 /// Applies logged batches to sled strictly in log order (`Fsync` mode on disk): large ones
 /// on a thread of its own, after their callers were released; small ones through their
 /// leader ([`OwnBatch`]). Dropped, it applies what is queued, then ends its thread.
 struct Applier {
     work: Arc<ApplyWork>,
-    queue: Arc<(Mutex<ApplyQueue>, Condvar)>,
+    shared: Arc<ApplyShared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Applier {
     fn spawn(work: ApplyWork) -> Result<Applier> {
         let work = Arc::new(work);
-        let queue = Arc::new((Mutex::new(ApplyQueue::default()), Condvar::new()));
-        let (w, q) = (work.clone(), queue.clone());
+        let shared = Arc::new(ApplyShared::default());
+        let (w, sh) = (work.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("cleanup-queue-applier".into())
-            .spawn(move || Applier::run(&w, &q))?;
+            .spawn(move || Applier::run(&w, &sh))?;
         Ok(Applier {
             work,
-            queue,
+            shared,
             thread: Some(thread),
         })
     }
 
     /// The thread: applies the front batch whenever it is not its leader's to apply (or the
     /// store is closing), until the store closes and nothing is left.
-    fn run(work: &ApplyWork, queue: &(Mutex<ApplyQueue>, Condvar)) {
-        let (state, changed) = queue;
+    fn run(work: &ApplyWork, shared: &ApplyShared) {
         loop {
             let batch = {
-                let mut q = lock(state);
+                let mut q = lock(&shared.queue);
                 loop {
                     match q.pending.front() {
                         Some(u) if !q.busy && (!u.by_leader || q.closing) => {
@@ -438,30 +460,20 @@ impl Applier {
                             break batch;
                         }
                         None if q.closing => return,
-                        _ => q = changed.wait(q).unwrap_or_else(|p| p.into_inner()),
+                        _ => q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner()),
                     }
                 }
             };
             work.apply(&batch);
-            Applier::done(queue);
+            shared.done();
         }
-    }
-
-    /// The front batch is in sled (or failed to get there).
-    fn done(queue: &(Mutex<ApplyQueue>, Condvar)) {
-        let (state, changed) = queue;
-        let mut q = lock(state);
-        q.pending.pop_front();
-        q.busy = false;
-        changed.notify_all();
     }
 
     /// Queues a logged batch (the caller holds the log: batches queue in log order). A
     /// small one is the caller's to apply, through the returned [`OwnBatch`].
     fn push(&self, batch: Arc<Overlay>) -> Option<OwnBatch<'_>> {
         let by_leader = batch.len() <= BACKGROUND_WRITES;
-        let (state, changed) = &*self.queue;
-        lock(state).pending.push_back(Unapplied {
+        lock(&self.shared.queue).pending.push_back(Unapplied {
             batch: batch.clone(),
             by_leader,
         });
@@ -471,16 +483,17 @@ impl Applier {
                 batch: Some(batch),
             })
         } else {
-            changed.notify_all();
+            self.shared.work.notify_one();
             None
         }
     }
 
     /// Returns once at most `n` logged batches are not yet in sled (or failed to get there).
     fn wait_at_most(&self, n: usize) {
-        let (state, changed) = &*self.queue;
-        let q = lock(state);
-        let _q = changed
+        let q = lock(&self.shared.queue);
+        let _q = self
+            .shared
+            .progress
             .wait_while(q, |q| q.pending.len() > n)
             .unwrap_or_else(|p| p.into_inner());
     }
@@ -488,9 +501,8 @@ impl Applier {
 
 impl Drop for Applier {
     fn drop(&mut self) {
-        let (state, changed) = &*self.queue;
-        lock(state).closing = true;
-        changed.notify_all();
+        lock(&self.shared.queue).closing = true;
+        self.shared.work.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -509,9 +521,10 @@ impl OwnBatch<'_> {
         let Some(batch) = self.batch.take() else {
             return;
         };
-        let (state, changed) = &*self.applier.queue;
-        let q = lock(state);
-        let mut q = changed
+        let shared = &self.applier.shared;
+        let q = lock(&shared.queue);
+        let mut q = shared
+            .progress
             .wait_while(q, |q| {
                 q.busy
                     || !q
@@ -523,19 +536,19 @@ impl OwnBatch<'_> {
         q.busy = true;
         drop(q);
         self.applier.work.apply(&batch);
-        Applier::done(&self.applier.queue);
+        shared.done();
     }
 }
 
 impl Drop for OwnBatch<'_> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take() {
-            let (state, changed) = &*self.applier.queue;
-            let mut q = lock(state);
+            let shared = &self.applier.shared;
+            let mut q = lock(&shared.queue);
             if let Some(u) = q.pending.iter_mut().find(|u| Arc::ptr_eq(&u.batch, &batch)) {
                 u.by_leader = false;
             }
-            changed.notify_all();
+            shared.work.notify_one();
         }
     }
 }
@@ -1056,6 +1069,12 @@ impl Store {
             issued.saturating_sub(taken),
             self.last_batch.load(Ordering::SeqCst),
         )
+    }
+
+    /// Whether the writes staged for the next round are more than a leader applies itself
+    /// (`BACKGROUND_WRITES`): such a round is not worth waiting for company.
+    pub fn staged_is_large(&self) -> bool {
+        lock(&self.staged).current.len() > BACKGROUND_WRITES
     }
 
     /// Returns once transaction `ticket` is as durable as the mode promises.
