@@ -35,7 +35,9 @@ fn options() -> impl Options {
 }
 
 pub(crate) fn encode_record(rec: &Record) -> Result<Vec<u8>, String> {
-    let mut out = vec![FORMAT_V1];
+    // Room for a typical record at once (its encoding grows the buffer otherwise).
+    let mut out = Vec::with_capacity(512);
+    out.push(FORMAT_V1);
     options()
         .serialize_into(&mut out, rec)
         .map_err(|e| format!("cannot encode record: {e}"))?;

@@ -175,12 +175,43 @@ struct Overlay {
 }
 
 impl Overlay {
+    #[cfg(test)]
     fn insert(&mut self, tree: TreeId, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.trees[tree as usize].insert(key, value);
     }
 
     fn is_empty(&self) -> bool {
         self.trees.iter().all(BTreeMap::is_empty)
+    }
+
+    /// The overlay of `ops`, built without a lock held: sorted per tree, the last write of
+    /// a key winning.
+    fn from_ops(ops: Vec<(TreeId, Vec<u8>, Option<Vec<u8>>)>) -> Overlay {
+        let mut per_tree: [Vec<Entry>; TreeId::ALL.len()] = Default::default();
+        // Newest first, so that the stable sort keeps each key's last write first.
+        for (tree, key, value) in ops.into_iter().rev() {
+            per_tree[tree as usize].push((key, value));
+        }
+        let mut out = Overlay::default();
+        for (map, mut entries) in out.trees.iter_mut().zip(per_tree) {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries.dedup_by(|later, first| later.0 == first.0);
+            *map = entries.into_iter().collect();
+        }
+        out
+    }
+
+    /// Adds `newer`'s writes, which replace this overlay's writes of the same keys: a map
+    /// that is empty here is taken whole (a large write set costs no inserts under the
+    /// staging lock), others key by key.
+    fn merge(&mut self, newer: Overlay) {
+        for (map, mut add) in self.trees.iter_mut().zip(newer.trees) {
+            if map.is_empty() {
+                std::mem::swap(map, &mut add);
+            } else {
+                map.extend(add);
+            }
+        }
     }
 
     /// How many writes the batch holds.
@@ -867,11 +898,10 @@ impl Store {
     /// serialise commits (the engine's writer lock), so tickets follow commit order.
     pub fn commit(&self, ws: WriteSet) -> Result<u64> {
         self.faults.before_write()?;
+        let staged = Overlay::from_ops(ws.ops);
         let ticket = {
             let mut st = lock(&self.staged);
-            for (tree, key, value) in ws.ops {
-                st.current.insert(tree, key, value);
-            }
+            st.current.merge(staged);
             // Issued under the staging lock: a leader taking the batch covers exactly the
             // tickets issued so far.
             self.issued.fetch_add(1, Ordering::SeqCst) + 1
