@@ -6,7 +6,11 @@
 //! forever, and it grows in zero-filled steps: overwriting bytes that are already allocated
 //! lets `fdatasync` skip the file-size metadata that an append would make it write (a
 //! throwaway probe on the run-8 machine, 512-byte records: 148 µs against 212 µs per sync). Stale records after the end
-//! are of an earlier generation, and zeros are of none, so neither is ever replayed.
+//! are of an earlier generation, and zeros are of none, so neither is ever replayed. The
+//! file is allocated up to the checkpoint size when it is opened: a step of growth during
+//! a round cost that round 3–11 ms of kernel time in session 6's probe (a 456 KB record of
+//! `expire_leases(1000)`: 0.11 ms to write when no growth was due), so only a record
+//! that ends past the checkpoint size still grows it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -61,14 +65,20 @@ impl Wal {
             File::open(dir)?.sync_all()?;
         }
         let len = file.metadata()?.len();
-        Ok(Wal {
+        let mut log = Wal {
             file,
             generation,
             checkpoint_bytes,
             offset: 0,
             len,
             buf: Vec::new(),
-        })
+        };
+        // Allocated up to the checkpoint size at once: growing the file while records are
+        // written costs the round that grows it milliseconds of kernel time per step.
+        if log.len < checkpoint_bytes {
+            log.grow(checkpoint_bytes)?;
+        }
+        Ok(log)
     }
 
     pub fn generation(&self) -> u64 {
