@@ -59,6 +59,7 @@ pub struct QueueBuilder {
     durability: Durability,
     cache_capacity: u64,
     wal_checkpoint_bytes: u64,
+    background_apply_writes: usize,
 }
 
 impl QueueBuilder {
@@ -82,6 +83,7 @@ impl QueueBuilder {
             durability: Durability::Fsync,
             cache_capacity: 64 << 20,
             wal_checkpoint_bytes: crate::wal::CHECKPOINT_BYTES,
+            background_apply_writes: crate::store::BACKGROUND_WRITES,
         }
     }
 
@@ -159,6 +161,15 @@ impl QueueBuilder {
         self
     }
 
+    /// In [`Durability::Fsync`] mode on disk, a logged batch of more writes than this is
+    /// written into the storage trees by a background thread, and its caller returns once
+    /// it is durable; smaller ones by their flush round's leader (default 256). Mostly for
+    /// tests, which set it low to send every batch through the thread.
+    pub fn background_apply_writes(mut self, writes: usize) -> QueueBuilder {
+        self.background_apply_writes = writes;
+        self
+    }
+
     /// Validates the settings and opens the database.
     pub fn open(self) -> Result<Queue> {
         self.policy.validate()?;
@@ -195,6 +206,7 @@ impl QueueBuilder {
             cache_capacity: self.cache_capacity,
             durability: self.durability,
             wal_checkpoint_bytes: self.wal_checkpoint_bytes,
+            background_apply_writes: self.background_apply_writes,
         })?;
         let next_seq = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
         let metrics = load_metrics(&store)?;

@@ -108,6 +108,8 @@ pub(crate) struct StoreConfig {
     pub durability: Durability,
     /// `Wal::open`'s checkpoint size.
     pub wal_checkpoint_bytes: u64,
+    /// Logged batches of more writes go through the applier thread.
+    pub background_apply_writes: usize,
 }
 
 /// A set of puts and deletes applied as one atomic transaction.
@@ -380,10 +382,11 @@ fn fail(flush: &Mutex<FlushState>, why: String) {
     lock(flush).failed.get_or_insert(why);
 }
 
-/// A logged batch of more writes than this is applied by the applier thread, and its round's
-/// leader returns once it is durable; a smaller one by the leader itself, in its turn, as
-/// waking another thread for it costs more than it saves on two cores (`BENCHMARKS.md`).
-const BACKGROUND_WRITES: usize = 256;
+/// By default, a logged batch of more writes than this is applied by the applier thread, and
+/// its round's leader returns once it is durable; a smaller one by the leader itself, in its
+/// turn, as waking another thread for it costs more than it saves on two cores
+/// (`BENCHMARKS.md`). `QueueBuilder::background_apply_writes` sets another.
+pub(crate) const BACKGROUND_WRITES: usize = 256;
 
 /// A leader waits for the applier once more logged batches than this are not yet in sled.
 const MAX_UNAPPLIED: usize = 8;
@@ -460,10 +463,12 @@ struct Applier {
     work: Arc<ApplyWork>,
     shared: Arc<ApplyShared>,
     thread: Option<JoinHandle<()>>,
+    /// Batches of more writes are the thread's to apply.
+    background_writes: usize,
 }
 
 impl Applier {
-    fn spawn(work: ApplyWork) -> Result<Applier> {
+    fn spawn(work: ApplyWork, background_writes: usize) -> Result<Applier> {
         let work = Arc::new(work);
         let shared = Arc::new(ApplyShared::default());
         let (w, sh) = (work.clone(), shared.clone());
@@ -474,6 +479,7 @@ impl Applier {
             work,
             shared,
             thread: Some(thread),
+            background_writes,
         })
     }
 
@@ -503,7 +509,7 @@ impl Applier {
     /// Queues a logged batch (the caller holds the log: batches queue in log order). A
     /// small one is the caller's to apply, through the returned [`OwnBatch`].
     fn push(&self, batch: Arc<Overlay>) -> Option<OwnBatch<'_>> {
-        let by_leader = batch.len() <= BACKGROUND_WRITES;
+        let by_leader = batch.len() <= self.background_writes;
         lock(&self.shared.queue).pending.push_back(Unapplied {
             batch: batch.clone(),
             by_leader,
@@ -618,6 +624,8 @@ pub(crate) struct Store {
     flush: Arc<Mutex<FlushState>>,
     flushed: Condvar,
     path: Option<PathBuf>,
+    /// A staged or logged batch of more writes is large (`StoreConfig`).
+    background_writes: usize,
     /// Test-only failure injection.
     pub(crate) faults: Arc<Faults>,
 }
@@ -708,17 +716,19 @@ impl Store {
             })),
             flushed: Condvar::new(),
             path,
+            background_writes: config.background_apply_writes,
             faults: Arc::default(),
         };
         store.check_format()?;
         store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
         if store.wal.is_some() {
-            store.applier = Some(Applier::spawn(ApplyWork {
+            let work = ApplyWork {
                 trees: store.trees.clone(),
                 staged: store.staged.clone(),
                 flush: store.flush.clone(),
                 faults: store.faults.clone(),
-            })?);
+            };
+            store.applier = Some(Applier::spawn(work, store.background_writes)?);
         }
         Ok(store)
     }
@@ -1102,9 +1112,9 @@ impl Store {
     }
 
     /// Whether the writes staged for the next round are more than a leader applies itself
-    /// (`BACKGROUND_WRITES`): such a round is not worth waiting for company.
+    /// (`background_apply_writes`): such a round is not worth waiting for company.
     pub fn staged_is_large(&self) -> bool {
-        lock(&self.staged).current.len() > BACKGROUND_WRITES
+        lock(&self.staged).current.len() > self.background_writes
     }
 
     /// Returns once transaction `ticket` is as durable as the mode promises.
@@ -1246,6 +1256,7 @@ mod tests {
             cache_capacity: 1 << 20,
             durability,
             wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
+            background_apply_writes: BACKGROUND_WRITES,
         })
         .expect("open")
     }
@@ -1256,6 +1267,7 @@ mod tests {
             cache_capacity: 1 << 20,
             durability: Durability::Fsync,
             wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
+            background_apply_writes: BACKGROUND_WRITES,
         })
     }
 

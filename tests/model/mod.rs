@@ -1070,6 +1070,9 @@ struct Harness {
     seen_tokens: HashSet<String>,
     prev: Observation,
     prev_incarnations: Vec<u64>,
+    /// Times the engine was opened: every other opening sends each logged batch of the
+    /// `Fsync` log through the background applier thread.
+    opens: u64,
 }
 
 /// What one step returned on the engine (for the model-independent invariant checks).
@@ -1109,6 +1112,7 @@ impl Harness {
             seen_tokens: HashSet::new(),
             prev: observe_model(&Model::default()),
             prev_incarnations: vec![0; POOLS * IDS],
+            opens: 0,
         };
         h.open()?;
         Ok(h)
@@ -1119,6 +1123,10 @@ impl Harness {
             (Storage::Temporary(d), _) => (Queue::temporary(), d),
             (Storage::Directory(d), Some(dir)) => (Queue::builder(dir.path().join("db")), d),
             (Storage::Directory(_), None) => return Err("no directory".into()),
+        };
+        let builder = match self.opens % 2 {
+            0 => builder.background_apply_writes(0),
+            _ => builder,
         };
         Ok(builder
             .clock(self.clock.clone())
@@ -1137,6 +1145,7 @@ impl Harness {
             match self.builder()?.open() {
                 Ok(q) => {
                     self.queue = Some(q);
+                    self.opens += 1;
                     return Ok(());
                 }
                 Err(Error::InUse { .. }) if std::time::Instant::now() < deadline => {
