@@ -1419,9 +1419,17 @@ impl Inner {
                 }
             }
         }
+        // The records are read in key order (neighbours share storage pages), then expired
+        // in due order.
+        let mut order: Vec<usize> = (0..due.len()).collect();
+        order.sort_by_key(|&i| (due[i].0, due[i].1));
+        let mut records = vec![None; due.len()];
+        for i in order {
+            records[i] = self.store.get_record(due[i].0, due[i].1)?;
+        }
         let mut result = LeaseExpiryResult::default();
-        for (p, id, k) in due {
-            let rec = match self.store.get_record(p, id)? {
+        for ((p, _, k), rec) in due.into_iter().zip(records) {
+            let rec = match rec {
                 Some(r) if matches!(r.state, State::Reserved { .. }) => r,
                 _ => {
                     return Err(Error::corrupted(
