@@ -177,7 +177,6 @@ struct Overlay {
 }
 
 impl Overlay {
-    #[cfg(test)]
     fn insert(&mut self, tree: TreeId, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.trees[tree as usize].insert(key, value);
     }
@@ -387,6 +386,9 @@ fn fail(flush: &Mutex<FlushState>, why: String) {
 /// turn, as waking another thread for it costs more than it saves on two cores
 /// (`BENCHMARKS.md`). `QueueBuilder::background_apply_writes` sets another.
 pub(crate) const BACKGROUND_WRITES: usize = 256;
+
+/// A write set of more writes than this is sorted into maps before it is staged.
+const SMALL_WRITE_SET: usize = 32;
 
 /// A leader waits for the applier once more logged batches than this are not yet in sled.
 const MAX_UNAPPLIED: usize = 8;
@@ -906,12 +908,22 @@ impl Store {
     /// Commits `ws` atomically and returns its durability ticket: stages it, then applies it
     /// to sled at once in `Buffered` mode; otherwise the next flush leader does. Callers
     /// serialise commits (the engine's writer lock), so tickets follow commit order.
-    pub fn commit(&self, ws: WriteSet) -> Result<u64> {
+    pub fn commit(&self, mut ws: WriteSet) -> Result<u64> {
         self.faults.before_write()?;
-        let staged = Overlay::from_ops(ws.ops);
+        // A large write set is sorted into maps before the staging lock is taken (readers
+        // wait on that lock); a small one is inserted under it, cheaper than building maps.
+        let built =
+            (ws.ops.len() > SMALL_WRITE_SET).then(|| Overlay::from_ops(ws.ops.split_off(0)));
         let ticket = {
             let mut st = lock(&self.staged);
-            st.current.merge(staged);
+            match built {
+                Some(built) => st.current.merge(built),
+                None => {
+                    for (tree, key, value) in ws.ops {
+                        st.current.insert(tree, key, value);
+                    }
+                }
+            }
             // Issued under the staging lock: a leader taking the batch covers exactly the
             // tickets issued so far.
             self.issued.fetch_add(1, Ordering::SeqCst) + 1
