@@ -1142,7 +1142,8 @@ impl Store {
 
     /// [`wait_durable`](Store::wait_durable), running `durable` as soon as the ticket is
     /// durable: should this caller lead the round, that is before it applies the round's
-    /// logged batch to sled (which the ticket's durability does not need).
+    /// logged batch to sled (which the ticket's durability does not need), if the batch is
+    /// small enough to be the leader's to apply.
     pub fn wait_durable_then(&self, ticket: u64, durable: impl FnOnce()) -> Result<()> {
         self.wait_round(ticket, || {}, durable)
     }
