@@ -1126,6 +1126,8 @@ fn crash_cycles(durability: Durability) {
             }
             Err(e) => {
                 let kept = keep_for_postmortem(dir, seed);
+                // Beside the database too: a filtered or lost test log must not lose it.
+                let _ = fs::write(kept.join("failure.txt"), format!("cycle {cycle}: {e}\n"));
                 panic!(
                     "crash cycle {cycle} ({} mode) failed; base seed {base}, cycle seed {seed}, \
                      database and log kept at {}:\n{e}",
