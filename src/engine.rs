@@ -435,7 +435,8 @@ impl Queue {
 
     /// [`wait_durable`](Queue::wait_durable) without group commit's gathering: should this
     /// caller lead the flush round, it takes what is staged at once. `durable` runs as soon
-    /// as `pending`'s writes are durable (and not after a failure): should this caller lead
+    /// as `pending`'s writes are durable (never if they failed to become durable; a failure
+    /// of a later round does not take it back): should this caller lead
     /// the round, before it goes on to apply the round's batch to sled, which durability
     /// does not wait for. For a thread that flushes on behalf of callers it counts itself
     /// (the Prefect plug-in's notifier gathers the calls of its event loop without

@@ -1396,6 +1396,20 @@ mod tests {
         );
     }
 
+    /// A log opened with a checkpoint size too large to allocate (checkpoints switched off
+    /// in all but name, or `u64::MAX`) is zero-filled only up to a bound, and nothing
+    /// overflows.
+    #[test]
+    fn a_huge_checkpoint_size_allocates_a_bounded_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Wal::open(dir.path(), 1, u64::MAX).expect("open");
+        assert_eq!(log.len(), wal::PREALLOCATE_MAX);
+        assert!(!log.is_full());
+        let small = tempfile::tempdir().expect("tempdir");
+        let log = Wal::open(small.path(), 1, 64 << 10).expect("open");
+        assert_eq!(log.len(), 1 << 20, "one growth step covers 64 KiB");
+    }
+
     /// A leader that unwinds before applying its small logged batch (its `durable`
     /// callback panics) hands the batch to the applier thread: it still reaches sled, and
     /// later batches are not held up behind it.

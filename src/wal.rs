@@ -29,6 +29,11 @@ pub(crate) const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// The file grows in zero-filled steps of this size.
 const GROW: u64 = 1 << 20;
 
+/// `Wal::open` zero-fills a new log up to its checkpoint size, but never beyond this (a
+/// very large checkpoint size, chosen to checkpoint rarely, must not cost that much disk
+/// at once).
+pub(crate) const PREALLOCATE_MAX: u64 = 64 << 20;
+
 /// The whole log file, or nothing when there is none.
 pub(crate) fn read(dir: &Path) -> io::Result<Vec<u8>> {
     match std::fs::read(dir.join(FILE_NAME)) {
@@ -73,10 +78,12 @@ impl Wal {
             len,
             buf: Vec::new(),
         };
-        // Allocated up to the checkpoint size at once: growing the file while records are
-        // written costs the round that grows it milliseconds of kernel time per step.
-        if log.len < checkpoint_bytes {
-            log.grow(checkpoint_bytes)?;
+        // Allocated up to the checkpoint size at once (at most `PREALLOCATE_MAX`): growing
+        // the file while records are written costs the round that grows it milliseconds of
+        // kernel time per step.
+        let prefill = checkpoint_bytes.min(PREALLOCATE_MAX);
+        if log.len < prefill {
+            log.grow(prefill)?;
         }
         Ok(log)
     }
@@ -102,7 +109,7 @@ impl Wal {
 
     /// Zero-fills the file up to the next step at or above `end`, durably.
     fn grow(&mut self, end: u64) -> io::Result<()> {
-        let target = end.div_ceil(GROW) * GROW;
+        let target = end.div_ceil(GROW).saturating_mul(GROW);
         let zeros = vec![0u8; GROW as usize];
         while self.len < target {
             let n = (target - self.len).min(GROW);
