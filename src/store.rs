@@ -465,12 +465,10 @@ struct Applier {
     work: Arc<ApplyWork>,
     shared: Arc<ApplyShared>,
     thread: Option<JoinHandle<()>>,
-    /// Batches of more writes are the thread's to apply.
-    background_writes: usize,
 }
 
 impl Applier {
-    fn spawn(work: ApplyWork, background_writes: usize) -> Result<Applier> {
+    fn spawn(work: ApplyWork) -> Result<Applier> {
         let work = Arc::new(work);
         let shared = Arc::new(ApplyShared::default());
         let (w, sh) = (work.clone(), shared.clone());
@@ -481,7 +479,6 @@ impl Applier {
             work,
             shared,
             thread: Some(thread),
-            background_writes,
         })
     }
 
@@ -508,22 +505,21 @@ impl Applier {
         }
     }
 
-    /// Queues a logged batch (the caller holds the log: batches queue in log order). A
-    /// small one is the caller's to apply, through the returned [`OwnBatch`].
-    fn push(&self, batch: Arc<Overlay>) -> Option<OwnBatch<'_>> {
-        let by_leader = batch.len() <= self.background_writes;
+    /// Queues a logged batch (the caller holds the log: batches queue in log order), to be
+    /// applied by the caller (`by_leader`) or by the thread.
+    fn push(&self, batch: Arc<Overlay>, by_leader: bool) -> Logged<'_> {
         lock(&self.shared.queue).pending.push_back(Unapplied {
             batch: batch.clone(),
             by_leader,
         });
         if by_leader {
-            Some(OwnBatch {
+            Logged::Own(OwnBatch {
                 applier: self,
                 batch: Some(batch),
             })
         } else {
             self.shared.work.notify_one();
-            None
+            Logged::Background(self)
         }
     }
 
@@ -544,6 +540,25 @@ impl Drop for Applier {
         self.shared.work.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// A round's logged batch on its way into sled, and what its leader still does for it.
+enum Logged<'a> {
+    /// Apply it, in its turn.
+    Own(OwnBatch<'a>),
+    /// Nothing, unless the applier thread has fallen behind: then wait for it.
+    Background(&'a Applier),
+}
+
+impl Logged<'_> {
+    /// The leader's part, once its waiters are released: bounds the batches that reads
+    /// look through.
+    fn settle(self) {
+        match self {
+            Logged::Own(own) => own.apply(),
+            Logged::Background(applier) => applier.wait_at_most(MAX_UNAPPLIED),
         }
     }
 }
@@ -730,7 +745,7 @@ impl Store {
                 flush: store.flush.clone(),
                 faults: store.faults.clone(),
             };
-            store.applier = Some(Applier::spawn(work, store.background_writes)?);
+            store.applier = Some(Applier::spawn(work)?);
         }
         Ok(store)
     }
@@ -912,8 +927,8 @@ impl Store {
         self.faults.before_write()?;
         // A large write set is sorted into maps before the staging lock is taken (readers
         // wait on that lock); a small one is inserted under it, cheaper than building maps.
-        let built =
-            (ws.ops.len() > SMALL_WRITE_SET).then(|| Overlay::from_ops(ws.ops.split_off(0)));
+        let built = (ws.ops.len() > SMALL_WRITE_SET)
+            .then(|| Overlay::from_ops(std::mem::take(&mut ws.ops)));
         let ticket = {
             let mut st = lock(&self.staged);
             match built {
@@ -949,14 +964,9 @@ impl Store {
         }
         let meta = self.tree(TreeId::Meta);
         meta.insert(keys::META_JOURNAL, journal)?;
-        self.write_each(writes)?;
+        write_each(&self.trees, &self.faults, writes)?;
         meta.remove(keys::META_JOURNAL)?;
         Ok(())
-    }
-
-    /// `writes` as plain sled writes, in order (atomic only through a journal or the log).
-    fn write_each(&self, writes: &[Write<'_>]) -> Result<()> {
-        write_each(&self.trees, &self.faults, writes)
     }
 
     /// Writes `writes` as one sled transaction.
@@ -1029,15 +1039,15 @@ impl Store {
     }
 
     /// A flush leader's round with a log: takes the batch, logs it and queues it to be
-    /// applied (see the module comment). Returns the last ticket it covers, and whether a
-    /// batch was logged, with the batch if it is the leader's to apply.
-    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, Option<Option<OwnBatch<'_>>>)> {
+    /// applied (see the module comment). Returns the last ticket it covers, and the logged
+    /// batch, if there was one.
+    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, Option<Logged<'_>>)> {
         let (target, batch) = self.take_batch()?;
         let Some(batch) = batch else {
             return Ok((target, None));
         };
         match self.log_batch(&mut lock(log), batch.clone()) {
-            Ok(own) => Ok((target, Some(own))),
+            Ok(logged) => Ok((target, Some(logged))),
             Err(e) => {
                 self.applied(&batch);
                 Err(e)
@@ -1050,7 +1060,12 @@ impl Store {
     /// write failed: before it logs (an earlier round failed after this one took its batch;
     /// should one fail while this one logs, both records replay in order), and before it
     /// checkpoints.
-    fn log_batch(&self, log: &mut Wal, batch: Arc<Overlay>) -> Result<Option<OwnBatch<'_>>> {
+    fn log_batch(&self, log: &mut Wal, batch: Arc<Overlay>) -> Result<Logged<'_>> {
+        // `open` starts the applier with the log: never missing here.
+        let applier = self
+            .applier
+            .as_ref()
+            .ok_or_else(|| Error::Storage("a write-ahead log without its applier".into()))?;
         let record = codec::encode_journal(batch.writes()).map_err(Error::Storage)?;
         if let Some(e) = self.failure() {
             // An earlier round failed after this one took its batch.
@@ -1065,7 +1080,8 @@ impl Store {
         log.append(&record)?;
         log.sync()?;
         self.storage_commits.fetch_add(1, Ordering::Relaxed);
-        Ok(self.applier.as_ref().and_then(|a| a.push(batch)))
+        let by_leader = batch.len() <= self.background_writes;
+        Ok(applier.push(batch, by_leader))
     }
 
     /// Returns once every logged batch is in sled; refused if one failed to get there
@@ -1199,7 +1215,7 @@ impl Store {
                 }
             }
             self.flushed.notify_all();
-            if let (Some(own), Some(applier)) = (logged, &self.applier) {
+            if let Some(logged) = logged {
                 // Durable already: the waiters go on (and the next round may log its batch)
                 // while this one reaches sled, through this leader if it is small, else
                 // through the applier thread. Should that fall behind, the leader waits for
@@ -1211,10 +1227,7 @@ impl Store {
                         durable();
                     }
                 }
-                match own {
-                    Some(own) => own.apply(),
-                    None => applier.wait_at_most(MAX_UNAPPLIED),
-                }
+                logged.settle();
                 st = lock(&self.flush);
             }
         }
