@@ -181,7 +181,7 @@ impl Queue {
     pub fn redrive_history(&self, pool: Uuid, id: Uuid) -> Result<Vec<RedriveRecord>> {
         let store = &self.inner().store;
         let mut out = Vec::new();
-        for item in store.scan_prefix(TreeId::Redrives, &keys::message(pool, id)) {
+        for item in store.scan_prefix(TreeId::Redrives, &keys::message_id(pool, id)) {
             let (k, v) = item?;
             out.push(codec::decode_redrive(&v).map_err(|d| Error::corrupted("redrives", &k, d))?);
         }
@@ -204,7 +204,7 @@ impl Queue {
             Ok(())
         };
         emit(&ExportLine::Meta {
-            format: codec::FORMAT_V1,
+            format: codec::EXPORT_V1,
             next_seq: writer.next_seq,
         })?;
         for item in store.range::<std::ops::RangeFull>(TreeId::Messages, ..) {
@@ -270,6 +270,10 @@ impl Queue {
         }
         let mut line_no = 0u64;
         let mut next_seq = 0;
+        // Records are stored by a position of their own (`born`), which exports leave out:
+        // they are numbered afresh in file order (an export lists each pool's records in
+        // enqueue order), and the next seq is raised above them.
+        let mut born = 0u64;
         let mut txn = Txn::new(store, &mut writer);
         let mut in_batch = 0;
         let mut text = String::new();
@@ -292,12 +296,14 @@ impl Queue {
                     format,
                     next_seq: s,
                 } => {
-                    if format != codec::FORMAT_V1 {
+                    if format != codec::EXPORT_V1 {
                         return Err(bad(format!("unsupported format {format}")).into());
                     }
                     next_seq = s;
                 }
-                ExportLine::Message { record } => {
+                ExportLine::Message { mut record } => {
+                    record.born = born;
+                    born += 1;
                     if store
                         .get_record(record.work_pool_id, record.message_id)?
                         .is_some()
@@ -345,6 +351,7 @@ impl Queue {
                 in_batch = 0;
             }
         }
+        let next_seq = next_seq.max(born);
         txn.put_raw(TreeId::Meta, keys::META_SEQ, codec::encode_u64(next_seq));
         let committed = txn.commit()?;
         inner.store.wait_durable(committed.ticket)?;

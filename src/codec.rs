@@ -3,8 +3,9 @@
 //!
 //! | value              | bytes |
 //! |--------------------|-------|
-//! | message record     | `FORMAT_V1` (1 byte) then bincode 1.3 (fixint, little-endian) of `machine::Record` |
-//! | id in an index     | 16 raw bytes |
+//! | message record     | `FORMAT_V2` (1 byte), `born` (u64 BE), then bincode 1.3 (fixint, little-endian) of the rest of `machine::Record`. Layouts 1–4 stored `FORMAT_V1` (1 byte) then the same bincode, without `born`; only the migration to layout 5 reads those (`decode_legacy_record`) |
+//! | id in `idempotency` | 16 raw bytes |
+//! | `born` in `message_ids` and the visible, lease indexes | u64 BE |
 //! | counters (`wakeups`, `meta/seq`) | u64 big-endian |
 //! | `meta/format`      | one byte, the key layout (`keys::LAYOUT`) |
 //! | `meta/journal`     | `JOURNAL_V1`, the number of writes (u32 BE), then per write: tree index (1), key length (u32 BE), key, then `0` (delete) or `1`, value length (u32 BE), value |
@@ -20,8 +21,13 @@ use uuid::Uuid;
 use crate::keys::TreeId;
 use crate::machine::Record;
 
-/// The current record format.
+/// The record format of layouts 1–4 (no `born`).
 pub(crate) const FORMAT_V1: u8 = 1;
+/// The current record format: `born` first, then the body.
+pub(crate) const FORMAT_V2: u8 = 2;
+/// The export format (`Queue::export`): JSON lines; records without `born`, which an import
+/// assigns afresh.
+pub(crate) const EXPORT_V1: u8 = 1;
 
 /// A record may be at most this large (target + data are limited well below it).
 const MAX_RECORD: u64 = 16 << 20;
@@ -37,7 +43,8 @@ fn options() -> impl Options {
 pub(crate) fn encode_record(rec: &Record) -> Result<Vec<u8>, String> {
     // Room for a typical record at once (its encoding grows the buffer otherwise).
     let mut out = Vec::with_capacity(512);
-    out.push(FORMAT_V1);
+    out.push(FORMAT_V2);
+    out.extend_from_slice(&rec.born.to_be_bytes());
     options()
         .serialize_into(&mut out, rec)
         .map_err(|e| format!("cannot encode record: {e}"))?;
@@ -48,19 +55,38 @@ pub(crate) fn encode_record(rec: &Record) -> Result<Vec<u8>, String> {
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, String> {
     match bytes.split_first() {
         None => Err("empty record".into()),
-        Some((&FORMAT_V1, body)) => {
-            // The limit is the input's own length: a corrupt length prefix fails instead of
-            // allocating.
-            bincode::DefaultOptions::new()
-                .with_fixint_encoding()
-                .with_little_endian()
-                .reject_trailing_bytes()
-                .with_limit(body.len() as u64)
-                .deserialize(body)
-                .map_err(|e| format!("undecodable record: {e}"))
+        Some((&FORMAT_V2, rest)) => {
+            let Some((born, body)) = rest.split_first_chunk::<8>() else {
+                return Err("record truncated inside its sequence".into());
+            };
+            let mut rec = decode_body(body)?;
+            rec.born = u64::from_be_bytes(*born);
+            Ok(rec)
         }
+        Some((&FORMAT_V1, _)) => Err("record format version 1 (a layout 4 or older record)".into()),
         Some((v, _)) => Err(format!("unknown record format version {v}")),
     }
+}
+
+/// Decodes a record of layouts 1–4 (`born` is 0: the migration assigns it).
+pub(crate) fn decode_legacy_record(bytes: &[u8]) -> Result<Record, String> {
+    match bytes.split_first() {
+        None => Err("empty record".into()),
+        Some((&FORMAT_V1, body)) => decode_body(body),
+        Some((v, _)) => Err(format!("unknown layout-4 record format version {v}")),
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Record, String> {
+    // The limit is the input's own length: a corrupt length prefix fails instead of
+    // allocating.
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(body.len() as u64)
+        .deserialize(body)
+        .map_err(|e| format!("undecodable record: {e}"))
 }
 
 pub(crate) fn encode_u64(v: u64) -> [u8; 8] {
@@ -71,6 +97,14 @@ pub(crate) fn decode_u64(bytes: &[u8]) -> Result<u64, String> {
     let b: [u8; 8] = bytes
         .try_into()
         .map_err(|_| format!("expected 8 bytes for a counter, found {}", bytes.len()))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// A `born` sequence stored as an index value.
+pub(crate) fn decode_born(bytes: &[u8]) -> Result<u64, String> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| format!("expected an 8-byte sequence, found {} bytes", bytes.len()))?;
     Ok(u64::from_be_bytes(b))
 }
 
@@ -470,10 +504,38 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let r = sample();
+        let r = Record {
+            born: 0x0102_0304_0506_0708,
+            ..sample()
+        };
         let bytes = encode_record(&r).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(bytes[0], FORMAT_V2);
+        assert_eq!(bytes[1..9], r.born.to_be_bytes());
         assert_eq!(decode_record(&bytes).unwrap(), r);
+    }
+
+    /// A layout-4 record is the current body without `born`: only the migration reads it.
+    #[test]
+    fn legacy_records_decode_only_as_legacy() {
+        let r = sample();
+        let mut legacy = vec![FORMAT_V1];
+        legacy.extend_from_slice(&encode_record(&r).unwrap()[9..]);
+        assert_eq!(
+            decode_legacy_record(&legacy).unwrap(),
+            Record {
+                born: 0,
+                ..r.clone()
+            }
+        );
+        assert!(decode_record(&legacy).unwrap_err().contains("version 1"));
+        let current = encode_record(&r).unwrap();
+        assert!(decode_legacy_record(&current).is_err());
+        for n in 0..legacy.len() {
+            assert!(
+                decode_legacy_record(&legacy[..n]).is_err(),
+                "prefix {n} decoded"
+            );
+        }
     }
 
     #[test]
@@ -482,9 +544,9 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(decode_record(&bytes[..n]).is_err(), "prefix {n} decoded");
         }
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
-        assert!(decode_record(&v2).unwrap_err().contains("version 2"));
+        let mut v3 = bytes.clone();
+        v3[0] = 3;
+        assert!(decode_record(&v3).unwrap_err().contains("version 3"));
         let mut long = bytes;
         long.push(0);
         assert!(decode_record(&long).is_err());
@@ -493,7 +555,8 @@ mod tests {
     #[test]
     fn huge_length_prefix_does_not_allocate() {
         // version, pool(16 with u64 length prefix in fixint? uuid serializes as 16 bytes + len)
-        let mut bytes = vec![FORMAT_V1];
+        let mut bytes = vec![FORMAT_V2];
+        bytes.extend_from_slice(&7u64.to_be_bytes());
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         bytes.extend_from_slice(&[0xff; 64]);
         assert!(decode_record(&bytes).is_err());

@@ -894,15 +894,27 @@ impl Drop for Inner {
 pub(crate) fn corrupt_view(rec: &Record, detail: String) -> Error {
     Error::corrupted(
         "messages",
-        &keys::message(rec.work_pool_id, rec.message_id),
+        &keys::message(rec.work_pool_id, rec.born),
         detail,
     )
 }
 
-/// A fencing token: 32 bytes from the OS, URL-safe base64 without padding (43 characters).
-fn new_token() -> Result<String> {
+/// A fencing token for the record at `born`: `born` as 16 hex digits (where to find the
+/// record, not a secret), then 32 bytes from the OS, URL-safe base64 without padding (59
+/// characters in all).
+fn new_token(born: u64) -> Result<String> {
     let bytes: [u8; 32] = crate::os_random()?;
-    Ok(base64url(&bytes))
+    Ok(format!("{born:016x}{}", base64url(&bytes)))
+}
+
+/// The record position a token of [`new_token`] starts with (tokens of layout 4 and older,
+/// and any other string, have none).
+fn token_born(token: &str) -> Option<u64> {
+    let hex = token.get(..16)?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
 }
 
 fn base64url(bytes: &[u8]) -> String {
@@ -1236,12 +1248,12 @@ impl Inner {
                 })
                 .collect();
             while let Some((key, value)) = next_in_fifo_order(&mut heads)? {
-                let id =
-                    codec::decode_id(&value).map_err(|d| Error::corrupted(tree.name(), &key, d))?;
-                if !handled.insert(id) {
+                let born = codec::decode_born(&value)
+                    .map_err(|d| Error::corrupted(tree.name(), &key, d))?;
+                if !handled.insert(born) {
                     continue;
                 }
-                let rec = match self.store.get_record(pool, id)? {
+                let rec = match self.store.get_record_at(pool, born)? {
                     Some(r) if r.state == State::Visible => r,
                     _ => {
                         return Err(Error::corrupted(
@@ -1261,7 +1273,7 @@ impl Inner {
                     continue;
                 }
                 let seq = txn.seq();
-                let reserved = machine::reserve(&rec, now, policy, new_token()?, seq);
+                let reserved = machine::reserve(&rec, now, policy, new_token(rec.born)?, seq);
                 txn.put(Some(&rec), Some(&reserved))?;
                 txn.count(Counter::op("reserve", "accepted"));
                 out.reservation = reserved
@@ -1316,7 +1328,7 @@ impl Inner {
         let mut writer = self.lock_writer();
         let now = self.clock.now();
         let mut txn = Txn::new(&self.store, &mut writer);
-        let rec = self.store.get_record(pool, id)?;
+        let rec = self.record_for_token(pool, id, token)?;
         let seq = txn.seq();
         let outcome = machine::lease_op(op, rec.as_ref(), token, release_reason, now, &policy, seq);
         let mut dead_letter = None;
@@ -1409,14 +1421,14 @@ impl Inner {
                     let Some(Reverse((_, p, k, v, hi))) = heads.pop() else {
                         break;
                     };
-                    let id = codec::decode_id(&v)
+                    let born = codec::decode_born(&v)
                         .map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
                     let after = (Bound::Excluded(k.to_vec()), Bound::Included(hi.clone()));
                     if let Some(item) = self.store.range(TreeId::LeasesByPool, after).next() {
                         let (nk, nv) = item?;
                         heads.push(head(p, nk, nv, hi));
                     }
-                    due.push((p, id, k));
+                    due.push((p, born, k));
                 }
             }
         }
@@ -1426,7 +1438,7 @@ impl Inner {
         order.sort_by_key(|&i| (due[i].0, due[i].1));
         let mut records = vec![None; due.len()];
         for i in order {
-            records[i] = self.store.get_record(due[i].0, due[i].1)?;
+            records[i] = self.store.get_record_at(due[i].0, due[i].1)?;
         }
         let mut result = LeaseExpiryResult::default();
         for ((p, _, k), rec) in due.into_iter().zip(records) {
@@ -1470,14 +1482,15 @@ impl Inner {
         pool: Uuid,
         now: Timestamp,
         limit: usize,
-        due: &mut Vec<(Uuid, Uuid, sled::IVec)>,
+        due: &mut Vec<(Uuid, u64, sled::IVec)>,
     ) -> Result<()> {
         let lo = keys::pool_prefix(pool).to_vec();
         let hi = keys::lease_by_pool_due_bound(pool, now).to_vec();
         for item in self.store.range(TreeId::LeasesByPool, lo..=hi).take(limit) {
             let (k, v) = item?;
-            let id = codec::decode_id(&v).map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
-            due.push((pool, id, k));
+            let born =
+                codec::decode_born(&v).map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
+            due.push((pool, born, k));
         }
         Ok(())
     }
@@ -1498,10 +1511,10 @@ impl Inner {
         let mut n = 0;
         for item in self.store.range(TreeId::Tombstones, ..=hi).take(limit) {
             let (k, _) = item?;
-            let (p, id) = keys::parse_pool_id(&k, 8).ok_or_else(|| {
-                Error::corrupted("tombstones", &k, "key is not time, pool and id")
+            let (p, born) = keys::parse_pool_born(&k, 8).ok_or_else(|| {
+                Error::corrupted("tombstones", &k, "key is not time, pool and sequence")
             })?;
-            match self.store.get_record(p, id)? {
+            match self.store.get_record_at(p, born)? {
                 Some(rec) if matches!(rec.state, State::Acked { .. }) => {
                     txn.put(Some(&rec), None)?
                 }
@@ -1533,6 +1546,20 @@ impl Inner {
             work_pool_id: pool,
             sequence,
         })
+    }
+
+    /// The message `id` of `pool`: first where `token` says it is (one read of neighbouring
+    /// keys right after its reserve), else through `message_ids`. Any token works: a
+    /// position that holds nothing or another message, or does not decode, only falls back.
+    fn record_for_token(&self, pool: Uuid, id: Uuid, token: &str) -> Result<Option<Record>> {
+        if let Some(born) = token_born(token) {
+            if let Ok(Some(rec)) = self.store.get_record_at(pool, born) {
+                if rec.message_id == id {
+                    return Ok(Some(rec));
+                }
+            }
+        }
+        self.store.get_record(pool, id)
     }
 
     /// Reads one record of the pool and views it with `view`; waits until what it saw is
@@ -1601,8 +1628,20 @@ mod tests {
         assert_eq!(base64url(b"fo"), "Zm8");
         assert_eq!(base64url(b"foo"), "Zm9v");
         assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
-        let t = new_token().unwrap();
-        assert_eq!(t.len(), 43);
-        assert_ne!(t, new_token().unwrap());
+    }
+
+    #[test]
+    fn tokens_lead_with_their_record_position_and_carry_32_random_bytes() {
+        let t = new_token(0x00ab_cdef_0123_4567).unwrap();
+        assert_eq!(t.len(), 16 + 43);
+        assert!(t.starts_with("00abcdef01234567"), "{t}");
+        assert_ne!(t, new_token(0x00ab_cdef_0123_4567).unwrap());
+        assert_eq!(token_born(&t), Some(0x00ab_cdef_0123_4567));
+        assert_eq!(token_born(&new_token(u64::MAX).unwrap()), Some(u64::MAX));
+        // Layout-4 tokens, short strings, signs and non-ASCII have no position.
+        assert_eq!(token_born(&base64url(&[7; 32])), None);
+        assert_eq!(token_born("0123"), None);
+        assert_eq!(token_born("+123456789abcdef-rest"), None);
+        assert_eq!(token_born("0123456789abcdeé"), None);
     }
 }

@@ -17,7 +17,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(), String> {
     let _ = rec.message();
     let _ = rec.reservation();
     let _ = rec.dead_letter();
-    let key = keys::message(rec.work_pool_id, rec.message_id);
+    let key = keys::message(rec.work_pool_id, rec.born);
     if store::decode_record_at(&key, bytes).is_err() {
         panic!("decode_record_at refused a record under its own key");
     }
@@ -28,12 +28,15 @@ pub fn decode_record(bytes: &[u8]) -> Result<(), String> {
 /// Runs every key parser and counter/id decoder on `bytes`. Never panics.
 pub fn parse_keys(bytes: &[u8]) {
     let _ = keys::parse_message(bytes);
+    let _ = keys::parse_legacy_message(bytes);
     for at in [0, 8] {
-        let _ = keys::parse_pool_id(bytes, at);
+        let _ = keys::parse_pool_born(bytes, at);
     }
     let _ = keys::fifo_suffix(bytes);
     let _ = codec::decode_u64(bytes);
     let _ = codec::decode_id(bytes);
+    let _ = codec::decode_born(bytes);
+    let _ = codec::decode_legacy_record(bytes);
     let _ = store::decode_record_at(bytes, bytes);
     decode_journal(bytes);
     decode_wal(bytes);

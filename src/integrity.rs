@@ -23,7 +23,10 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
     for item in store.range::<std::ops::RangeFull>(TreeId::Messages, ..) {
         let (k, v) = item?;
         if keys::parse_message(&k).is_none() {
-            bad.push(format!("messages: key {} is not pool and id", hex(&k)));
+            bad.push(format!(
+                "messages: key {} is not pool and sequence",
+                hex(&k)
+            ));
             continue;
         }
         let rec = match crate::store::decode_record_at(&k, &v) {
@@ -38,6 +41,12 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
             bad.push(format!(
                 "{at}: seq {} is not below the next seq {next_seq}",
                 rec.seq
+            ));
+        }
+        if rec.born >= next_seq {
+            bad.push(format!(
+                "{at}: enqueue sequence {} is not below the next seq {next_seq}",
+                rec.born
             ));
         }
         if rec.idempotency_key.is_empty() {

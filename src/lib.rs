@@ -48,6 +48,7 @@ mod integrity;
 mod keys;
 mod machine;
 mod metrics;
+mod migrate;
 mod model;
 mod policy;
 mod store;

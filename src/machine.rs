@@ -20,6 +20,10 @@ use crate::policy::Policy;
 /// One message in any state: the value of the `messages` tree (see `codec` for the bytes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Record {
+    /// The `seq` of its enqueue, never changed: where the record lives (`keys::message`).
+    /// Stored before the bincode body (`codec::encode_record`), not in it.
+    #[serde(skip)]
+    pub born: u64,
     pub work_pool_id: Uuid,
     pub message_id: Uuid,
     pub idempotency_key: String,
@@ -75,6 +79,7 @@ impl Record {
         seq: u64,
     ) -> Record {
         Record {
+            born: seq,
             work_pool_id,
             message_id,
             idempotency_key,

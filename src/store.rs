@@ -151,14 +151,11 @@ impl WriteSet {
                 let bytes = codec::encode_record(n).map_err(Error::Storage)?;
                 self.put(
                     TreeId::Messages,
-                    keys::message(n.work_pool_id, n.message_id),
+                    keys::message(n.work_pool_id, n.born),
                     bytes,
                 );
             }
-            (Some(o), None) => self.delete(
-                TreeId::Messages,
-                keys::message(o.work_pool_id, o.message_id),
-            ),
+            (Some(o), None) => self.delete(TreeId::Messages, keys::message(o.work_pool_id, o.born)),
             (None, None) => {}
         }
         Ok(())
@@ -706,7 +703,7 @@ impl Store {
         };
         let trees = TreeId::ALL
             .iter()
-            .map(|t| db.open_tree(t.name()))
+            .map(|t| db.open_tree(t.sled_name()))
             .collect::<sled::Result<Vec<_>>>()?;
         let sync_file = match &path {
             Some(p) => Some(File::open(p.join("db"))?),
@@ -751,23 +748,35 @@ impl Store {
     }
 
     /// Writes the layout byte into a new database, finishes a batch that a crash interrupted
-    /// and migrates layouts 1 and 2; refuses any other.
+    /// and migrates layouts 1 to 4 (`crate::migrate`); refuses any other.
     fn check_format(&self) -> Result<()> {
         match self.tree(TreeId::Meta).get(keys::META_FORMAT)? {
-            Some(v) if v.as_ref() == [keys::LAYOUT] => self.replay_journal(),
-            // Layout 3 differs only by never having a write-ahead log.
-            Some(v) if v.as_ref() == [keys::LAYOUT_V3] => {
-                self.replay_journal()?;
-                self.write_layout()
+            Some(v) if v.as_ref() == [keys::LAYOUT] => {
+                self.replay_journal(&|t| Ok(self.tree(t).clone()))?;
+                crate::migrate::drop_old_trees(&self.db)
             }
-            // Layout 2 also never holds a journal.
-            Some(v) if v.as_ref() == [keys::LAYOUT_V2] => self.write_layout(),
-            Some(v) if v.as_ref() == [keys::LAYOUT_V1] => {
-                // Layout 1 also had a derived index that later layouts no longer keep.
-                // Dropping it first makes a crash in between harmless: the next open finds
-                // layout 1 without the tree and drops nothing.
-                self.db.drop_tree(keys::LAYOUT_V1_LEASES)?;
-                self.write_layout()
+            Some(v)
+                if [
+                    keys::LAYOUT_V4,
+                    keys::LAYOUT_V3,
+                    keys::LAYOUT_V2,
+                    keys::LAYOUT_V1,
+                ]
+                .contains(&v[0])
+                    && v.len() == 1 =>
+            {
+                // First complete what the old layout left to do, in its own trees: a batch
+                // journal (layouts 3 and 4) and the write-ahead log (layout 4), which is
+                // then retired so that it is never applied to the new trees.
+                let old = |t: TreeId| crate::migrate::old_tree(&self.db, t);
+                self.replay_journal(&old)?;
+                let (generation, applied) = self.replay_wal(&old)?;
+                if applied > 0 {
+                    self.advance_generation(generation)?;
+                }
+                crate::migrate::to_current_layout(self)?;
+                self.write_layout()?;
+                crate::migrate::drop_old_trees(&self.db)
             }
             Some(v) => Err(Error::corrupted(
                 "meta",
@@ -778,8 +787,9 @@ impl Store {
         }
     }
 
-    /// Completes the batch whose journal a crash left behind (see the module comment).
-    fn replay_journal(&self) -> Result<()> {
+    /// Completes the batch whose journal a crash left behind (see the module comment),
+    /// writing into the trees `trees` names.
+    fn replay_journal(&self, trees: &dyn Fn(TreeId) -> Result<sled::Tree>) -> Result<()> {
         let meta = self.tree(TreeId::Meta);
         let Some(bytes) = meta.get(keys::META_JOURNAL)? else {
             return Ok(());
@@ -787,18 +797,17 @@ impl Store {
         let writes = codec::decode_journal(&bytes)
             .map_err(|d| Error::corrupted("meta", keys::META_JOURNAL, d))?;
         for (tree, key, value) in &writes {
-            write_one(self.tree(*tree), key, value.as_deref())?;
+            write_one(&trees(*tree)?, key, value.as_deref())?;
         }
         meta.remove(keys::META_JOURNAL)?;
         Ok(())
     }
 
-    /// Applies the write-ahead log's records of the current generation to sled (a crash may
-    /// have kept only part of them there), then checkpoints so that none is applied again;
-    /// returns the log to write in `Fsync` mode (see the module comment).
-    fn recover_wal(&self, checkpoint_bytes: u64) -> Result<Option<Wal>> {
+    /// Applies the write-ahead log's records of the current generation to the trees `trees`
+    /// names; returns the generation and how many records there were.
+    fn replay_wal(&self, trees: &dyn Fn(TreeId) -> Result<sled::Tree>) -> Result<(u64, usize)> {
         let Some(dir) = &self.path else {
-            return Ok(None);
+            return Ok((0, 0));
         };
         let generation = self.get_u64(TreeId::Meta, keys::META_WAL)?;
         let damaged = |detail: String| Error::Corrupted {
@@ -817,11 +826,22 @@ impl Store {
             let writes = codec::decode_journal(record)
                 .map_err(|d| damaged(format!("record {i} of generation {generation}: {d}")))?;
             for (tree, key, value) in &writes {
-                write_one(self.tree(*tree), key, value.as_deref())?;
+                write_one(&trees(*tree)?, key, value.as_deref())?;
             }
         }
+        Ok((generation, records.len()))
+    }
+
+    /// Applies the write-ahead log's records of the current generation to sled (a crash may
+    /// have kept only part of them there), then checkpoints so that none is applied again;
+    /// returns the log to write in `Fsync` mode (see the module comment).
+    fn recover_wal(&self, checkpoint_bytes: u64) -> Result<Option<Wal>> {
+        let Some(dir) = &self.path else {
+            return Ok(None);
+        };
+        let (generation, applied) = self.replay_wal(&|t| Ok(self.tree(t).clone()))?;
         if self.durability != Durability::Fsync {
-            if !records.is_empty() {
+            if applied > 0 {
                 self.advance_generation(generation)?;
             }
             return Ok(None);
@@ -854,10 +874,7 @@ impl Store {
         }
         self.tree(TreeId::Meta)
             .insert(keys::META_WAL, &next.to_be_bytes())?;
-        self.db.flush()?;
-        if let Some(f) = &self.sync_file {
-            f.sync_data()?;
-        }
+        self.sync_sled()?;
         Ok(next)
     }
 
@@ -876,6 +893,20 @@ impl Store {
         self.path.as_deref()
     }
 
+    /// The sled database (for `crate::migrate`).
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes everything written to sled so far durable, as a checkpoint does.
+    pub(crate) fn sync_sled(&self) -> Result<()> {
+        self.db.flush()?;
+        if let Some(f) = &self.sync_file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
     pub fn tree(&self, t: TreeId) -> &sled::Tree {
         &self.trees[t as usize]
     }
@@ -888,9 +919,26 @@ impl Store {
         Ok(self.tree(t).get(key)?)
     }
 
-    /// The record at `(pool, id)`, decoded.
+    /// The message `id` of `pool`, decoded.
     pub fn get_record(&self, pool: Uuid, id: Uuid) -> Result<Option<Record>> {
-        let key = keys::message(pool, id);
+        let key = keys::message_id(pool, id);
+        let Some(v) = self.get(TreeId::MessageIds, &key)? else {
+            return Ok(None);
+        };
+        let born = codec::decode_born(&v).map_err(|d| Error::corrupted("message_ids", &key, d))?;
+        match self.get_record_at(pool, born)? {
+            Some(rec) if rec.message_id == id => Ok(Some(rec)),
+            _ => Err(Error::corrupted(
+                "message_ids",
+                &key,
+                "points at a missing or another message",
+            )),
+        }
+    }
+
+    /// The record at `(pool, born)`, decoded.
+    pub fn get_record_at(&self, pool: Uuid, born: u64) -> Result<Option<Record>> {
+        let key = keys::message(pool, born);
         match self.get(TreeId::Messages, &key)? {
             None => Ok(None),
             Some(bytes) => decode_record_at(&key, &bytes).map(Some),
@@ -1251,11 +1299,11 @@ impl Store {
 /// Decodes the record stored at `messages/key`, naming the key when the bytes are bad.
 pub(crate) fn decode_record_at(key: &[u8], bytes: &[u8]) -> Result<Record> {
     let rec = codec::decode_record(bytes).map_err(|d| Error::corrupted("messages", key, d))?;
-    if keys::message(rec.work_pool_id, rec.message_id) != key {
+    if keys::message(rec.work_pool_id, rec.born) != key {
         return Err(Error::corrupted(
             "messages",
             key,
-            "the record's pool and id do not match its key",
+            "the record's pool and sequence do not match its key",
         ));
     }
     Ok(rec)
@@ -1838,9 +1886,11 @@ mod tests {
     /// tests/corruption.rs.)
     #[test]
     fn undecodable_records_are_corrupted_errors_naming_tree_and_key() {
-        let key = keys::message(Uuid::from_u128(1), Uuid::from_u128(2));
+        let key = keys::message(Uuid::from_u128(1), 2);
         for bytes in [
             &b""[..],
+            &[codec::FORMAT_V2, 0xff, 0x00][..],
+            &[codec::FORMAT_V2, 0, 0, 0, 0, 0, 0, 0, 2, 0xff][..],
             &[codec::FORMAT_V1, 0xff, 0x00][..],
             &[9, 1, 2, 3][..],
         ] {
@@ -1866,7 +1916,7 @@ mod tests {
             "{}".into(),
             "{}".into(),
             crate::clock::Timestamp::from_micros(0),
-            0,
+            3,
         );
         let bytes = codec::encode_record(&rec).expect("encode");
         let e = decode_record_at(&key, &bytes).expect_err("stored under another key");
