@@ -272,8 +272,9 @@ impl Queue {
         let mut next_seq = 0;
         // Records are stored by a position of their own (`born`), which exports leave out:
         // they are numbered afresh in file order (an export lists each pool's records in
-        // enqueue order), and the next seq is raised above them.
+        // storage order), and the next seq is raised above them.
         let mut born = 0u64;
+        let mut seen = std::collections::HashSet::new();
         let mut txn = Txn::new(store, &mut writer);
         let mut in_batch = 0;
         let mut text = String::new();
@@ -304,10 +305,8 @@ impl Queue {
                 ExportLine::Message { mut record } => {
                     record.born = born;
                     born += 1;
-                    if store
-                        .get_record(record.work_pool_id, record.message_id)?
-                        .is_some()
-                    {
+                    // The database was empty: only this input can repeat a message.
+                    if !seen.insert((record.work_pool_id, record.message_id)) {
                         return Err(bad("message appears twice".into()).into());
                     }
                     record.message().map_err(bad)?;

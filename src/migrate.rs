@@ -46,18 +46,12 @@ const DROPPED: [&str; 6] = [
 /// Records written per sled batch.
 const BATCH: usize = 4096;
 
-/// The layout-4 tree that index `t` named in a journal or log record of layouts 1–4.
-pub(crate) fn old_tree(db: &sled::Db, t: TreeId) -> Result<sled::Tree> {
+/// The layout-4 tree that index `t` named in a journal or log record of layouts 1–4
+/// (`None`: those layouts had no tree `t`).
+pub(crate) fn old_tree(db: &sled::Db, t: TreeId) -> Result<Option<sled::Tree>> {
     match keys::LAYOUT_V4_NAMES.get(t as usize) {
-        Some(name) => Ok(db.open_tree(name)?),
-        None => Err(Error::corrupted(
-            "meta",
-            keys::META_JOURNAL,
-            format!(
-                "a layout-4 batch writes to tree {}, which layout 4 did not have",
-                t as usize
-            ),
-        )),
+        Some(name) => Ok(Some(db.open_tree(name)?)),
+        None => Ok(None),
     }
 }
 
@@ -430,6 +424,59 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         });
+    }
+
+    /// A layout-4 log record that writes to a tree layout 4 did not have is damage: the
+    /// open is refused naming the log, and none of that record's writes is applied.
+    #[test]
+    fn a_layout_4_log_record_naming_a_tree_layout_4_lacked_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let clock = ManualClock::new(Timestamp::from_micros(0));
+        {
+            let q = open(&path, &clock).unwrap();
+            populate(&q, &clock);
+        }
+        downgrade(&path);
+        let removed = {
+            let db = raw(&path);
+            let old = db.open_tree("messages").unwrap();
+            let (k, v) = old.iter().next().unwrap().unwrap();
+            old.remove(&k).unwrap();
+            let payload = codec::encode_journal([
+                (TreeId::Messages, k.as_ref(), Some(v.as_ref())),
+                (TreeId::MessageIds, &b"k"[..], Some(&b"v"[..])),
+            ])
+            .unwrap();
+            let generation = 0x5eed_0000_0000_0043u64;
+            let mut log = Vec::new();
+            codec::encode_wal_record(generation, &payload, &mut log).unwrap();
+            std::fs::write(path.join(crate::wal::FILE_NAME), log).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(keys::META_WAL, &generation.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+            k
+        };
+        match open(&path, &clock) {
+            Err(Error::Corrupted { tree, detail, .. }) => {
+                assert_eq!(tree, "(write-ahead log)");
+                assert!(detail.contains("does not have"), "{detail}");
+            }
+            other => panic!("opened: {:?}", other.map(|_| ())),
+        }
+        {
+            let db = raw(&path);
+            assert!(db
+                .open_tree("messages")
+                .unwrap()
+                .get(&removed)
+                .unwrap()
+                .is_none());
+        }
+        let (format, _) = layout_and_trees(&path);
+        assert_eq!(format, Some(vec![keys::LAYOUT_V4]));
     }
 
     /// A crash after layout 5 was recorded but before the old trees were dropped: the next

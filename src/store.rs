@@ -347,6 +347,35 @@ fn write_one(tree: &sled::Tree, key: &[u8], value: Option<&[u8]>) -> Result<()> 
     Ok(())
 }
 
+/// The sled tree that a journal or log record's tree index names, in the layout being
+/// replayed (`None`: that layout has no such tree).
+pub(crate) type TreeOf<'a> = dyn Fn(TreeId) -> Result<Option<sled::Tree>> + 'a;
+
+/// Applies replayed `writes` to the trees `trees` names; every tree is found first, so a
+/// write to a tree the layout does not have (`damaged`) changes nothing.
+fn apply_replayed(
+    writes: &[codec::JournalWrite],
+    trees: &TreeOf<'_>,
+    damaged: impl Fn(String) -> Error,
+) -> Result<()> {
+    let mut targets = Vec::with_capacity(writes.len());
+    for (tree, _, _) in writes {
+        match trees(*tree)? {
+            Some(t) => targets.push(t),
+            None => {
+                return Err(damaged(format!(
+                    "a write to tree {}, which this database's layout does not have",
+                    *tree as usize
+                )))
+            }
+        }
+    }
+    for ((_, key, value), tree) in writes.iter().zip(&targets) {
+        write_one(tree, key, value.as_deref())?;
+    }
+    Ok(())
+}
+
 /// The keys starting with `prefix`.
 fn prefix_bounds(prefix: &[u8]) -> KeyBounds {
     let mut end = prefix.to_vec();
@@ -752,18 +781,14 @@ impl Store {
     fn check_format(&self) -> Result<()> {
         match self.tree(TreeId::Meta).get(keys::META_FORMAT)? {
             Some(v) if v.as_ref() == [keys::LAYOUT] => {
-                self.replay_journal(&|t| Ok(self.tree(t).clone()))?;
+                self.replay_journal(&|t| Ok(Some(self.tree(t).clone())))?;
                 crate::migrate::drop_old_trees(&self.db)
             }
             Some(v)
-                if [
-                    keys::LAYOUT_V4,
-                    keys::LAYOUT_V3,
-                    keys::LAYOUT_V2,
-                    keys::LAYOUT_V1,
-                ]
-                .contains(&v[0])
-                    && v.len() == 1 =>
+                if matches!(
+                    v.as_ref(),
+                    [keys::LAYOUT_V4] | [keys::LAYOUT_V3] | [keys::LAYOUT_V2] | [keys::LAYOUT_V1]
+                ) =>
             {
                 // First complete what the old layout left to do, in its own trees: a batch
                 // journal (layouts 3 and 4) and the write-ahead log (layout 4), which is
@@ -789,23 +814,21 @@ impl Store {
 
     /// Completes the batch whose journal a crash left behind (see the module comment),
     /// writing into the trees `trees` names.
-    fn replay_journal(&self, trees: &dyn Fn(TreeId) -> Result<sled::Tree>) -> Result<()> {
+    fn replay_journal(&self, trees: &TreeOf<'_>) -> Result<()> {
         let meta = self.tree(TreeId::Meta);
         let Some(bytes) = meta.get(keys::META_JOURNAL)? else {
             return Ok(());
         };
-        let writes = codec::decode_journal(&bytes)
-            .map_err(|d| Error::corrupted("meta", keys::META_JOURNAL, d))?;
-        for (tree, key, value) in &writes {
-            write_one(&trees(*tree)?, key, value.as_deref())?;
-        }
+        let damaged = |d: String| Error::corrupted("meta", keys::META_JOURNAL, d);
+        let writes = codec::decode_journal(&bytes).map_err(damaged)?;
+        apply_replayed(&writes, trees, damaged)?;
         meta.remove(keys::META_JOURNAL)?;
         Ok(())
     }
 
     /// Applies the write-ahead log's records of the current generation to the trees `trees`
     /// names; returns the generation and how many records there were.
-    fn replay_wal(&self, trees: &dyn Fn(TreeId) -> Result<sled::Tree>) -> Result<(u64, usize)> {
+    fn replay_wal(&self, trees: &TreeOf<'_>) -> Result<(u64, usize)> {
         let Some(dir) = &self.path else {
             return Ok((0, 0));
         };
@@ -822,12 +845,18 @@ impl Store {
             wal::read(dir)?
         };
         let records = codec::decode_wal(&bytes, generation).map_err(damaged)?;
-        for (i, record) in records.iter().enumerate() {
-            let writes = codec::decode_journal(record)
-                .map_err(|d| damaged(format!("record {i} of generation {generation}: {d}")))?;
-            for (tree, key, value) in &writes {
-                write_one(&trees(*tree)?, key, value.as_deref())?;
-            }
+        let batches = records
+            .iter()
+            .enumerate()
+            .map(|(i, record)| {
+                codec::decode_journal(record)
+                    .map_err(|d| damaged(format!("record {i} of generation {generation}: {d}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, writes) in batches.iter().enumerate() {
+            apply_replayed(writes, trees, |d| {
+                damaged(format!("record {i} of generation {generation}: {d}"))
+            })?;
         }
         Ok((generation, records.len()))
     }
@@ -839,7 +868,7 @@ impl Store {
         let Some(dir) = &self.path else {
             return Ok(None);
         };
-        let (generation, applied) = self.replay_wal(&|t| Ok(self.tree(t).clone()))?;
+        let (generation, applied) = self.replay_wal(&|t| Ok(Some(self.tree(t).clone())))?;
         if self.durability != Durability::Fsync {
             if applied > 0 {
                 self.advance_generation(generation)?;
@@ -920,20 +949,39 @@ impl Store {
     }
 
     /// The message `id` of `pool`, decoded.
+    ///
+    /// Two reads, `message_ids` then `messages`, and readers take no lock: a commit in
+    /// between may delete the message (a pruned or replaced tombstone) or move the id to a
+    /// new record. A write set becomes visible whole, so the entry is read again: changed,
+    /// follow it; unchanged, the index really points nowhere.
     pub fn get_record(&self, pool: Uuid, id: Uuid) -> Result<Option<Record>> {
         let key = keys::message_id(pool, id);
-        let Some(v) = self.get(TreeId::MessageIds, &key)? else {
-            return Ok(None);
+        let born_of = || -> Result<Option<u64>> {
+            match self.get(TreeId::MessageIds, &key)? {
+                None => Ok(None),
+                Some(v) => codec::decode_born(&v)
+                    .map(Some)
+                    .map_err(|d| Error::corrupted("message_ids", &key, d)),
+            }
         };
-        let born = codec::decode_born(&v).map_err(|d| Error::corrupted("message_ids", &key, d))?;
-        match self.get_record_at(pool, born)? {
-            Some(rec) if rec.message_id == id => Ok(Some(rec)),
-            _ => Err(Error::corrupted(
-                "message_ids",
-                &key,
-                "points at a missing or another message",
-            )),
+        let mut born = born_of()?;
+        while let Some(b) = born {
+            if let Some(rec) = self.get_record_at(pool, b)? {
+                if rec.message_id == id {
+                    return Ok(Some(rec));
+                }
+            }
+            let again = born_of()?;
+            if again == born {
+                return Err(Error::corrupted(
+                    "message_ids",
+                    &key,
+                    "points at a missing or another message",
+                ));
+            }
+            born = again;
         }
+        Ok(None)
     }
 
     /// The record at `(pool, born)`, decoded.

@@ -261,4 +261,21 @@ fn export_import_export_is_identical_and_metrics_persist() {
         }
         other => panic!("expected a bad line error, got {other:?}"),
     }
+    // A message listed twice is refused at its second line.
+    let text = String::from_utf8(first).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("\"type\":\"message\""))
+        .unwrap();
+    let mut doubled = lines.clone();
+    doubled.insert(at + 1, lines[at]);
+    let fresh = Queue::temporary().sweep_interval(None).open().unwrap();
+    match fresh.import(&mut doubled.join("\n").as_bytes()) {
+        Err(cleanup_queue::Error::InvalidInput(InputError::BadImportLine { line, detail })) => {
+            assert_eq!(line as usize, at + 2, "{detail}");
+            assert!(detail.contains("appears twice"), "{detail}");
+        }
+        other => panic!("expected a duplicate line error, got {other:?}"),
+    }
 }

@@ -462,6 +462,18 @@ fn an_unknown_layout_is_refused() {
     let e = Queue::open(&path).unwrap_err();
     assert!(matches!(e, cleanup_queue::Error::Corrupted { .. }), "{e:?}");
     assert!(e.to_string().contains("unsupported database format"), "{e}");
+    // An empty or longer layout value, even one starting with an old layout byte, is no
+    // layout either (and never a panic).
+    for bad in [&[][..], &[4, 0][..], &[5, 5][..]] {
+        set_layout(&path, 9, |db| {
+            db.open_tree("meta").unwrap().insert("format", bad).unwrap();
+        });
+        let e = Queue::open(&path).unwrap_err();
+        assert!(
+            e.to_string().contains("unsupported database format"),
+            "{bad:?}: {e}"
+        );
+    }
 }
 
 /// With a small checkpoint size the write-ahead log checkpoints every few operations and
