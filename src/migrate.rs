@@ -293,6 +293,19 @@ mod tests {
         db.flush().unwrap();
     }
 
+    /// A populated database, downgraded to layout 4: its directory, path and clock.
+    fn old_database() -> (tempfile::TempDir, std::path::PathBuf, ManualClock) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let clock = ManualClock::new(Timestamp::from_micros(0));
+        {
+            let q = open(&path, &clock).unwrap();
+            populate(&q, &clock);
+        }
+        downgrade(&path);
+        (dir, path, clock)
+    }
+
     fn layout_and_trees(path: &Path) -> (Option<Vec<u8>>, Vec<String>) {
         let db = raw(path);
         let format = db
@@ -430,14 +443,7 @@ mod tests {
     /// open is refused naming the log, and none of that record's writes is applied.
     #[test]
     fn a_layout_4_log_record_naming_a_tree_layout_4_lacked_is_refused_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let clock = ManualClock::new(Timestamp::from_micros(0));
-        {
-            let q = open(&path, &clock).unwrap();
-            populate(&q, &clock);
-        }
-        downgrade(&path);
+        let (_dir, path, clock) = old_database();
         let removed = {
             let db = raw(&path);
             let old = db.open_tree("messages").unwrap();
@@ -515,14 +521,7 @@ mod tests {
     /// changes nothing: the database stays layout 4 with its old trees.
     #[test]
     fn an_undecodable_old_record_stops_the_migration_and_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let clock = ManualClock::new(Timestamp::from_micros(0));
-        {
-            let q = open(&path, &clock).unwrap();
-            populate(&q, &clock);
-        }
-        downgrade(&path);
+        let (_dir, path, clock) = old_database();
         let key = keys::message_id(Uuid::from_u128(1), Uuid::from_u128(2));
         let count = {
             let db = raw(&path);
