@@ -1928,6 +1928,57 @@ mod tests {
         assert_eq!(prefix_bounds(b"").1, Bound::Unbounded);
     }
 
+    /// A `message_ids` entry that points at no record, or at another message's record, is
+    /// corruption naming `message_ids` (after the entry is read again and found unchanged);
+    /// one that does not decode names it too; no entry is no message.
+    #[test]
+    fn message_ids_pointing_nowhere_or_elsewhere_are_corruption() {
+        let store = temporary(Durability::Buffered {
+            every: Duration::from_secs(1),
+        });
+        let pool = Uuid::from_u128(1);
+        let other = Record::new_visible(
+            pool,
+            Uuid::from_u128(3),
+            "k".into(),
+            crate::model::CleanupKind::PendingClaimTeardown,
+            None,
+            "{}".into(),
+            "{}".into(),
+            crate::clock::Timestamp::from_micros(0),
+            8,
+        );
+        let mut ws = WriteSet::default();
+        ws.record(None, Some(&other)).unwrap();
+        ws.put(
+            TreeId::MessageIds,
+            keys::message_id(pool, Uuid::from_u128(4)),
+            7u64.to_be_bytes(),
+        );
+        ws.put(
+            TreeId::MessageIds,
+            keys::message_id(pool, Uuid::from_u128(5)),
+            8u64.to_be_bytes(),
+        );
+        ws.put(
+            TreeId::MessageIds,
+            keys::message_id(pool, Uuid::from_u128(6)),
+            vec![1, 2],
+        );
+        store.wait_durable(store.commit(ws).unwrap()).unwrap();
+        assert_eq!(
+            store.get_record(pool, Uuid::from_u128(3)).unwrap(),
+            Some(other)
+        );
+        assert_eq!(store.get_record(pool, Uuid::from_u128(9)).unwrap(), None);
+        for id in [4, 5, 6] {
+            match store.get_record(pool, Uuid::from_u128(id)) {
+                Err(Error::Corrupted { tree, .. }) => assert_eq!(tree, "message_ids"),
+                other => panic!("id {id}: {other:?}"),
+            }
+        }
+    }
+
     /// Bytes in the `messages` tree that do not decode (or decode to another key's record)
     /// surface as `Error::Corrupted` naming the tree and the key. (Through the file they
     /// cannot be produced: sled's checksums drop a damaged log entry first; see
