@@ -7,9 +7,11 @@
 //! new names (`TreeId::sled_name`), so the migration builds them beside the old ones:
 //!
 //! 1. empty the new trees (a crash may have left them half built);
-//! 2. read every old record in key order, give it the next `seq` as its `born`, and write it
-//!    and its index entries to the new trees (`idempotency` is the same in both layouts and
-//!    stays as it is); raise `meta/seq` above them;
+//! 2. give every old record the next `seq` as its `born` and write it and its index entries
+//!    to the new trees (`idempotency` is the same in both layouts and stays as it is): the
+//!    visible ones first, in the order of the old `visible_by_kind` index (so a migrated
+//!    backlog is stored in the order reserve takes it), then the rest in key order; raise
+//!    `meta/seq` above them;
 //! 3. make it all durable, then record layout 5 (durably too);
 //! 4. drop the old trees; every later open drops any a crash left.
 //!
@@ -20,6 +22,7 @@
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::keys::{self, TreeId};
+use crate::machine::Record;
 use crate::store::Store;
 
 /// The trees that layout 5 built anew, by their current names.
@@ -62,49 +65,105 @@ pub(crate) fn to_current_layout(store: &Store) -> Result<()> {
         store.tree(t).clear()?;
     }
     let old = db.open_tree("messages")?;
-    let mut next = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
-    let mut batches: Vec<sled::Batch> =
-        TreeId::ALL.iter().map(|_| sled::Batch::default()).collect();
-    let mut pending = 0;
-    for item in old.iter() {
+    let old_visible = db.open_tree("visible_by_kind")?;
+    let mut out = Rebuild {
+        store,
+        next: store.get_u64(TreeId::Meta, keys::META_SEQ)?,
+        batches: TreeId::ALL.iter().map(|_| sled::Batch::default()).collect(),
+        pending: 0,
+    };
+    // Visible messages first, each pool's kinds in FIFO order, so that a migrated backlog
+    // is stored in the order reserve takes it.
+    for item in old_visible.iter() {
         let (k, v) = item?;
-        let mut rec =
-            codec::decode_legacy_record(&v).map_err(|d| Error::corrupted("messages", &k, d))?;
-        if keys::parse_legacy_message(&k) != Some((rec.work_pool_id, rec.message_id)) {
-            return Err(Error::corrupted(
-                "messages",
-                &k,
-                "the record's pool and id do not match its key",
-            ));
-        }
-        rec.born = next;
-        next += 1;
-        let bytes = codec::encode_record(&rec).map_err(Error::Storage)?;
-        batches[TreeId::Messages as usize]
-            .insert(&keys::message(rec.work_pool_id, rec.born), bytes);
-        for (t, key, value) in keys::index_entries(&rec) {
-            if t != TreeId::Idempotency {
-                batches[t as usize].insert(key, value);
-            }
-        }
-        pending += 1;
-        if pending == BATCH {
-            apply(store, &mut batches)?;
-            pending = 0;
+        let (Ok(id), Some(pool)) = (codec::decode_id(&v), keys::uuid_at(&k, 0)) else {
+            continue; // a damaged entry: the record, if any, comes with the rest
+        };
+        let key = keys::message_id(pool, id);
+        let Some(bytes) = old.get(key)? else {
+            continue;
+        };
+        let rec = old_record(&key, &bytes)?;
+        if visible_key(&rec).as_deref() == Some(k.as_ref()) {
+            out.add(rec)?;
         }
     }
-    apply(store, &mut batches)?;
+    // Then every other record, in key order.
+    for item in old.iter() {
+        let (k, v) = item?;
+        let rec = old_record(&k, &v)?;
+        if let Some(vk) = visible_key(&rec) {
+            if old_visible.get(vk)?.as_deref() == Some(rec.message_id.as_bytes().as_slice()) {
+                continue; // taken in FIFO order above
+            }
+        }
+        out.add(rec)?;
+    }
+    out.flush()?;
     store
         .tree(TreeId::Meta)
-        .insert(keys::META_SEQ, &codec::encode_u64(next))?;
+        .insert(keys::META_SEQ, &codec::encode_u64(out.next))?;
     store.sync_sled()
 }
 
-fn apply(store: &Store, batches: &mut [sled::Batch]) -> Result<()> {
-    for (t, batch) in TreeId::ALL.iter().zip(batches.iter_mut()) {
-        store.tree(*t).apply_batch(std::mem::take(batch))?;
+/// A record of layouts 1–4, checked against its key.
+fn old_record(key: &[u8], bytes: &[u8]) -> Result<Record> {
+    let rec =
+        codec::decode_legacy_record(bytes).map_err(|d| Error::corrupted("messages", key, d))?;
+    if keys::parse_legacy_message(key) != Some((rec.work_pool_id, rec.message_id)) {
+        return Err(Error::corrupted(
+            "messages",
+            key,
+            "the record's pool and id do not match its key",
+        ));
     }
-    Ok(())
+    Ok(rec)
+}
+
+/// The `visible_by_kind` key of a visible record (the same in layouts 4 and 5).
+fn visible_key(rec: &Record) -> Option<Vec<u8>> {
+    keys::index_entries(rec)
+        .into_iter()
+        .find(|(t, _, _)| *t == TreeId::VisibleByKind)
+        .map(|(_, k, _)| k)
+}
+
+/// The new trees being built, in batches.
+struct Rebuild<'a> {
+    store: &'a Store,
+    next: u64,
+    batches: Vec<sled::Batch>,
+    pending: usize,
+}
+
+impl Rebuild<'_> {
+    /// Gives `rec` the next `born` and writes it and its index entries (`idempotency` is
+    /// the same in both layouts and stays).
+    fn add(&mut self, mut rec: Record) -> Result<()> {
+        rec.born = self.next;
+        self.next += 1;
+        let bytes = codec::encode_record(&rec).map_err(Error::Storage)?;
+        self.batches[TreeId::Messages as usize]
+            .insert(&keys::message(rec.work_pool_id, rec.born), bytes);
+        for (t, key, value) in keys::index_entries(&rec) {
+            if t != TreeId::Idempotency {
+                self.batches[t as usize].insert(key, value);
+            }
+        }
+        self.pending += 1;
+        if self.pending == BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for (t, batch) in TreeId::ALL.iter().zip(self.batches.iter_mut()) {
+            self.store.tree(*t).apply_batch(std::mem::take(batch))?;
+        }
+        self.pending = 0;
+        Ok(())
+    }
 }
 
 /// Step 4 of the module comment: drops the old trees that are still there.
@@ -289,7 +348,10 @@ mod tests {
         }
         let meta = old("meta");
         meta.insert(keys::META_FORMAT, &[keys::LAYOUT_V4]).unwrap();
-        meta.insert(keys::META_WAL, &7u64.to_be_bytes()).unwrap();
+        // A generation of its own that the layout-5 log left in the file will not hold by
+        // chance (a small one, like 7, can: the log holds big-endian numbers).
+        meta.insert(keys::META_WAL, &0x5eed_0000_dead_0004u64.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
 
@@ -337,6 +399,20 @@ mod tests {
         alter(&raw(&path), &path);
         let q = open(&path, &clock).unwrap();
         assert_eq!(q.check_integrity().unwrap(), Vec::<String>::new());
+        // The backlog is stored in the order reserve takes it (the old layout stored it by
+        // id, which the downgrade's random ids scrambled).
+        let stored: Vec<Uuid> = q
+            .inner()
+            .store
+            .scan_prefix(TreeId::Messages, &keys::pool_prefix(world.a))
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                crate::store::decode_record_at(&k, &v).unwrap()
+            })
+            .filter(|r| r.state == crate::machine::State::Visible)
+            .map(|r| r.message_id)
+            .collect();
+        assert_eq!(stored, world.visible_a);
         let after = state(&q);
         assert_eq!(after.1, before.1);
         assert!(after.0 >= before.0);
