@@ -93,18 +93,11 @@ pub(crate) fn encode_u64(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
 
+/// A counter (`wakeups`, `meta/seq`, `metrics`) or a `born` in an index.
 pub(crate) fn decode_u64(bytes: &[u8]) -> Result<u64, String> {
     let b: [u8; 8] = bytes
         .try_into()
-        .map_err(|_| format!("expected 8 bytes for a counter, found {}", bytes.len()))?;
-    Ok(u64::from_be_bytes(b))
-}
-
-/// A `born` sequence stored as an index value.
-pub(crate) fn decode_born(bytes: &[u8]) -> Result<u64, String> {
-    let b: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| format!("expected an 8-byte sequence, found {} bytes", bytes.len()))?;
+        .map_err(|_| format!("expected an 8-byte number, found {} bytes", bytes.len()))?;
     Ok(u64::from_be_bytes(b))
 }
 

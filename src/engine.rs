@@ -1248,7 +1248,7 @@ impl Inner {
                 })
                 .collect();
             while let Some((key, value)) = next_in_fifo_order(&mut heads)? {
-                let born = codec::decode_born(&value)
+                let born = codec::decode_u64(&value)
                     .map_err(|d| Error::corrupted(tree.name(), &key, d))?;
                 if !handled.insert(born) {
                     continue;
@@ -1421,7 +1421,7 @@ impl Inner {
                     let Some(Reverse((_, p, k, v, hi))) = heads.pop() else {
                         break;
                     };
-                    let born = codec::decode_born(&v)
+                    let born = codec::decode_u64(&v)
                         .map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
                     let after = (Bound::Excluded(k.to_vec()), Bound::Included(hi.clone()));
                     if let Some(item) = self.store.range(TreeId::LeasesByPool, after).next() {
@@ -1489,7 +1489,7 @@ impl Inner {
         for item in self.store.range(TreeId::LeasesByPool, lo..=hi).take(limit) {
             let (k, v) = item?;
             let born =
-                codec::decode_born(&v).map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
+                codec::decode_u64(&v).map_err(|d| Error::corrupted("leases_by_pool", &k, d))?;
             due.push((pool, born, k));
         }
         Ok(())

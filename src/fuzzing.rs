@@ -35,7 +35,6 @@ pub fn parse_keys(bytes: &[u8]) {
     let _ = keys::fifo_suffix(bytes);
     let _ = codec::decode_u64(bytes);
     let _ = codec::decode_id(bytes);
-    let _ = codec::decode_born(bytes);
     let _ = codec::decode_legacy_record(bytes);
     let _ = store::decode_record_at(bytes, bytes);
     decode_journal(bytes);

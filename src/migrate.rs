@@ -368,6 +368,21 @@ mod tests {
         (dir, path, clock)
     }
 
+    /// Leaves `writes` as the one record of a new generation of the old database's log, as
+    /// a crash after logging them would have.
+    fn log_old_batch(db: &sled::Db, path: &Path, writes: &[crate::store::Write<'_>]) {
+        let payload = codec::encode_journal(writes.iter().copied()).unwrap();
+        let generation = 0x5eed_0000_0000_0042u64;
+        let mut log = Vec::new();
+        codec::encode_wal_record(generation, &payload, &mut log).unwrap();
+        std::fs::write(path.join(crate::wal::FILE_NAME), log).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(keys::META_WAL, &generation.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
     fn layout_and_trees(path: &Path) -> (Option<Vec<u8>>, Vec<String>) {
         let db = raw(path);
         let format = db
@@ -501,17 +516,11 @@ mod tests {
             let old = db.open_tree("messages").unwrap();
             let (k, v) = old.iter().next().unwrap().unwrap();
             old.remove(&k).unwrap();
-            let payload =
-                codec::encode_journal([(TreeId::Messages, k.as_ref(), Some(v.as_ref()))]).unwrap();
-            let generation = 0x5eed_0000_0000_0042u64;
-            let mut log = Vec::new();
-            codec::encode_wal_record(generation, &payload, &mut log).unwrap();
-            std::fs::write(path.join(crate::wal::FILE_NAME), log).unwrap();
-            db.open_tree("meta")
-                .unwrap()
-                .insert(keys::META_WAL, &generation.to_be_bytes())
-                .unwrap();
-            db.flush().unwrap();
+            log_old_batch(
+                db,
+                path,
+                &[(TreeId::Messages, k.as_ref(), Some(v.as_ref()))],
+            );
         });
     }
 
@@ -525,20 +534,14 @@ mod tests {
             let old = db.open_tree("messages").unwrap();
             let (k, v) = old.iter().next().unwrap().unwrap();
             old.remove(&k).unwrap();
-            let payload = codec::encode_journal([
-                (TreeId::Messages, k.as_ref(), Some(v.as_ref())),
-                (TreeId::MessageIds, &b"k"[..], Some(&b"v"[..])),
-            ])
-            .unwrap();
-            let generation = 0x5eed_0000_0000_0043u64;
-            let mut log = Vec::new();
-            codec::encode_wal_record(generation, &payload, &mut log).unwrap();
-            std::fs::write(path.join(crate::wal::FILE_NAME), log).unwrap();
-            db.open_tree("meta")
-                .unwrap()
-                .insert(keys::META_WAL, &generation.to_be_bytes())
-                .unwrap();
-            db.flush().unwrap();
+            log_old_batch(
+                &db,
+                &path,
+                &[
+                    (TreeId::Messages, k.as_ref(), Some(v.as_ref())),
+                    (TreeId::MessageIds, &b"k"[..], Some(&b"v"[..])),
+                ],
+            );
             k
         };
         match open(&path, &clock) {

@@ -163,7 +163,7 @@ impl WriteSet {
 }
 
 /// One write: tree, key, new value (`None`: delete).
-type Write<'a> = (TreeId, &'a [u8], Option<&'a [u8]>);
+pub(crate) type Write<'a> = (TreeId, &'a [u8], Option<&'a [u8]>);
 /// A staged key and its new value (`None`: deleted).
 type Entry = (Vec<u8>, Option<Vec<u8>>);
 
@@ -959,7 +959,7 @@ impl Store {
         let born_of = || -> Result<Option<u64>> {
             match self.get(TreeId::MessageIds, &key)? {
                 None => Ok(None),
-                Some(v) => codec::decode_born(&v)
+                Some(v) => codec::decode_u64(&v)
                     .map(Some)
                     .map_err(|d| Error::corrupted("message_ids", &key, d)),
             }
@@ -1928,6 +1928,21 @@ mod tests {
         assert_eq!(prefix_bounds(b"").1, Bound::Unbounded);
     }
 
+    /// A visible record of `id` in `pool`, enqueued at `seq`.
+    fn visible(pool: Uuid, id: Uuid, seq: u64) -> Record {
+        Record::new_visible(
+            pool,
+            id,
+            "k".into(),
+            crate::model::CleanupKind::PendingClaimTeardown,
+            None,
+            "{}".into(),
+            "{}".into(),
+            crate::clock::Timestamp::from_micros(0),
+            seq,
+        )
+    }
+
     /// A `message_ids` entry that points at no record, or at another message's record, is
     /// corruption naming `message_ids` (after the entry is read again and found unchanged);
     /// one that does not decode names it too; no entry is no message.
@@ -1937,17 +1952,7 @@ mod tests {
             every: Duration::from_secs(1),
         });
         let pool = Uuid::from_u128(1);
-        let other = Record::new_visible(
-            pool,
-            Uuid::from_u128(3),
-            "k".into(),
-            crate::model::CleanupKind::PendingClaimTeardown,
-            None,
-            "{}".into(),
-            "{}".into(),
-            crate::clock::Timestamp::from_micros(0),
-            8,
-        );
+        let other = visible(pool, Uuid::from_u128(3), 8);
         let mut ws = WriteSet::default();
         ws.record(None, Some(&other)).unwrap();
         ws.put(
@@ -2006,17 +2011,7 @@ mod tests {
                 other => panic!("{bytes:?} decoded as {other:?}"),
             }
         }
-        let rec = Record::new_visible(
-            Uuid::from_u128(1),
-            Uuid::from_u128(3),
-            "k".into(),
-            crate::model::CleanupKind::PendingClaimTeardown,
-            None,
-            "{}".into(),
-            "{}".into(),
-            crate::clock::Timestamp::from_micros(0),
-            3,
-        );
+        let rec = visible(Uuid::from_u128(1), Uuid::from_u128(3), 3);
         let bytes = codec::encode_record(&rec).expect("encode");
         let e = decode_record_at(&key, &bytes).expect_err("stored under another key");
         assert!(e.to_string().contains("do not match its key"), "{e}");
