@@ -13,7 +13,8 @@ never closes them, so every instance in a process shares one engine per database
 - ``CLEANUP_QUEUE_MANUAL_CLOCK=1`` (tests only): the engine's clock stands still unless
   moved with :class:`cleanup_queue.testing.QueueClock`.
 - Policy (lease, max delivery attempts, completed idempotency retention) is read from
-  Prefect's settings on every call and pushed into the engine before the operation.
+  Prefect's settings on every call (computed once per settings object) and pushed into the
+  engine before the operation.
 - Mutating operations run inline on the event loop (tens of microseconds each, more for
   ``expire_leases`` of many leases); with ``fsync`` or ``flush`` each then waits for its
   flush round, which a native thread leads and reports through a pipe the loop watches
@@ -133,14 +134,55 @@ def _forget_engine(path: str | os.PathLike[str]) -> None:
         _ENGINES.pop(os.path.abspath(os.path.expanduser(os.fspath(path))), None)
 
 
+# The settings object _policy read last and what it gave. Prefect's settings objects are not
+# changed once made (``temporary_settings`` and the test fixtures make new ones), so the same
+# object gives the same policy.
+_LAST_POLICY: tuple[Any, tuple[int, int, int | None]] | None = None
+
+
 def _policy() -> tuple[int, int, int | None]:
-    settings = get_current_settings().server.worker_channel
+    """(lease µs, max delivery attempts, completed retention µs or None) from the current
+    Prefect settings."""
+    global _LAST_POLICY
+    root = get_current_settings()
+    last = _LAST_POLICY
+    if last is not None and last[0] is root:
+        return last[1]
+    settings = root.server.worker_channel
     retention = settings.cleanup_completed_idempotency_retention_seconds
-    return (
+    policy = (
         round(settings.cleanup_lease_seconds * 1_000_000),
         settings.cleanup_max_delivery_attempts,
         None if retention is None else round(retention * 1_000_000),
     )
+    _LAST_POLICY = (root, policy)
+    return policy
+
+
+# UUIDs by their text, for the ids the engine returns as text: a pool's id comes back with
+# every result and a message's with each of its operations. Parsing one costs more than the
+# lookup; the map is emptied when it is full.
+_UUIDS: dict[str, UUID] = {}
+_UUIDS_MAX = 4096
+
+
+def _uuid(text: str) -> UUID:
+    value = _UUIDS.get(text)
+    if value is None:
+        if len(_UUIDS) >= _UUIDS_MAX:
+            _UUIDS.clear()
+        value = _UUIDS[text] = UUID(text)
+    return value
+
+
+def _text(value: UUID) -> str:
+    """``str(value)``, remembered for ``_uuid`` when ``value`` is a plain UUID."""
+    text = str(value)
+    if type(value) is UUID and text not in _UUIDS:
+        if len(_UUIDS) >= _UUIDS_MAX:
+            _UUIDS.clear()
+        _UUIDS[text] = value
+    return text
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.
@@ -176,10 +218,10 @@ def _ts(utc: tuple[int, ...]) -> datetime:
 def _message_fields(t: tuple[Any, ...]) -> dict[str, Any]:
     message_id, key, pool, queue, kind, target, data, created, updated, count = t
     return {
-        "message_id": UUID(message_id),
+        "message_id": _uuid(message_id),
         "idempotency_key": key,
-        "work_pool_id": UUID(pool),
-        "work_queue_id": None if queue is None else UUID(queue),
+        "work_pool_id": _uuid(pool),
+        "work_queue_id": None if queue is None else _uuid(queue),
         "kind": kind,
         "target": target,
         "data": data,
@@ -217,7 +259,7 @@ def _dead_letter(t: tuple[Any, ...]) -> CleanupQueueDeadLetter:
 def _operation_result(t: tuple[Any, ...]) -> CleanupQueueOperationResult:
     message_id, operation, status, lease, reason, dead_letter = t
     return CleanupQueueOperationResult.model_construct(
-        message_id=UUID(message_id),
+        message_id=_uuid(message_id),
         operation=operation,
         status=status,
         lease_expires_at=None if lease is None else _ts(lease),
@@ -377,9 +419,9 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
     ) -> CleanupQueueMessage:
         duplicate, message = await self._mutate(
             self.engine.enqueue,
-            str(message_id),
+            _text(message_id),
             idempotency_key,
-            str(work_pool_id),
+            _text(work_pool_id),
             str(kind),
             _json(target),
             None if data is None else _json(data),
@@ -403,7 +445,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         allow_fallback_to_any_queue: bool = True,
     ) -> CleanupQueueReservation | None:
         args = (
-            str(work_pool_id),
+            _text(work_pool_id),
             None if cleanup_kinds is None else [str(k) for k in cleanup_kinds],
             None
             if preferred_work_queue_ids is None
@@ -450,7 +492,7 @@ class WorkerCleanupQueue(_WorkerCleanupQueue):
         *args: str,
     ) -> CleanupQueueOperationResult:
         result = _operation_result(
-            await self._mutate(fn, str(work_pool_id), str(message_id), *args)
+            await self._mutate(fn, _text(work_pool_id), _text(message_id), *args)
         )
         if result.dead_letter is not None:
             record_cleanup_queue_dead_letter(

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from prefect.client.schemas.worker_channel import (
 )
 from prefect.server.worker_communication.cleanup_queue import get_worker_cleanup_queue
 from prefect.settings import (
+    PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_LEASE_SECONDS,
     PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_MAX_DELIVERY_ATTEMPTS,
     PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE,
     temporary_settings,
@@ -411,6 +412,33 @@ async def test_policy_follows_prefect_settings_on_every_call(
         reservation_token=reserved.reservation_token,
     )
     assert renewed.lease_expires_at == clock.current + timedelta(seconds=30)
+
+
+async def test_a_lease_setting_applies_inside_its_context_only(
+    queue: WorkerCleanupQueue, clock: QueueClock
+) -> None:
+    """The policy is cached per settings object: a changed setting (a new object) must
+    still reach the engine, and the old one must come back with the old object."""
+    pool = uuid4()
+    await enqueue(queue, pool)
+    await enqueue(queue, pool)
+    with temporary_settings({PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_LEASE_SECONDS: 7}):
+        first = await queue.reserve(work_pool_id=pool)
+    second = await queue.reserve(work_pool_id=pool)
+    assert first is not None and second is not None
+    assert first.lease_expires_at == clock.current + timedelta(seconds=7)
+    assert second.lease_expires_at == clock.current + timedelta(seconds=30)
+
+
+def test_uuid_text_map_gives_equal_uuids_when_full() -> None:
+    texts = [str(uuid4()) for _ in range(plugin._UUIDS_MAX + 10)]
+    for text in texts:
+        assert plugin._uuid(text) == UUID(text)
+        assert type(plugin._uuid(text)) is UUID
+    assert len(plugin._UUIDS) <= plugin._UUIDS_MAX
+    known = uuid4()
+    assert plugin._text(known) == str(known)
+    assert plugin._uuid(str(known)) is known
 
 
 def test_get_worker_cleanup_queue_returns_the_plugin(
