@@ -161,10 +161,10 @@ impl QueueBuilder {
         self
     }
 
-    /// In [`Durability::Fsync`] mode on disk, a logged batch of more writes than this is
-    /// written into the storage trees by a background thread, and its caller returns once
-    /// it is durable; smaller ones by their flush round's leader (default 256). Mostly for
-    /// tests, which set it low to send every batch through the thread.
+    /// In [`Durability::Fsync`] mode on disk, durable (logged) writes wait in memory until
+    /// more than this many distinct keys are written, then a background thread writes them
+    /// into the storage trees as one merged batch (default 256); calls return once their
+    /// writes are logged. 0 writes every logged batch at once. Mostly for tests.
     pub fn background_apply_writes(mut self, writes: usize) -> QueueBuilder {
         self.background_apply_writes = writes;
         self

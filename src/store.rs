@@ -21,25 +21,27 @@
 //! on its own; a batch too large for one log entry is a sled transaction.
 //!
 //! In `Fsync` mode on disk, a round does not flush sled at all. It writes the batch as one
-//! record to a write-ahead log of its own (`wal`), `fdatasync`s that file, releases its
-//! waiters, and only then is the batch applied to sled as plain writes, strictly in log
-//! order (the next round may log meanwhile): a small batch by the round's leader, a large
-//! one (`expire_leases(1000)`) by the `Applier` thread, so that its caller returns once it
-//! is durable. sled's flush (its log
+//! record to a write-ahead log of its own (`wal`), `fdatasync`s that file, merges the batch
+//! into the overlay's `logged` writes (a key's last value wins) and releases its waiters.
+//! The `Drainer` thread writes the logged writes into sled as plain writes once more than
+//! `BACKGROUND_WRITES` keys wait, all of them as one merged batch, one drain at a time. A
+//! message enqueued, reserved and acked within one drain is written to sled once, and its
+//! visible and lease index entries cost sled a lookup each (a delete of an absent key), not
+//! a write; a leader waits only if the drain falls far behind. sled's flush (its log
 //! buffer, `pwrite`, `sync_file_range`, then the `fdatasync` the promise needs) costs about
 //! 2.5 times a bare `fdatasync` of the log here, and nothing of it is needed while the log
 //! holds the batch. Once the log holds its checkpoint size (`wal::CHECKPOINT_BYTES` by
-//! default), the next round *checkpoints*: once every
-//! logged batch is in sled, it records a new generation id (random) in `meta/wal`, flushes
-//! and `fdatasync`s sled, and starts the log over with that id. On open, the log's records of
+//! default), the next round *checkpoints*: once every logged batch is in sled (it drains
+//! what waits itself), it records a new generation id (random) in `meta/wal`, flushes and
+//! `fdatasync`s sled, and starts the log over with that id. On open, the log's records of
 //! the generation in `meta/wal` are applied to sled in order, then (in `Fsync` mode, or if
-//! any were applied) a checkpoint follows. That is correct whatever prefix of its
-//! writes sled kept: each record holds final values, so applying all of them in order from
-//! any prefix of them gives the same state. A record reaches the log before any of its
-//! writes reach sled, and is on disk before the next record is written. After a failed
-//! write nothing more is logged, applied or checkpointed. `Flush` mode keeps flushing sled
-//! (its log would not be synced, so after a power loss a record could be missing before a
-//! later one).
+//! any were applied) a checkpoint follows. That is correct whatever part of its writes
+//! sled kept: each record holds final values and every key a drain writes was written by a
+//! record of the generation, so applying all of them in order gives the same state from
+//! any such part. A record reaches the log before any of its writes reach sled, and is on
+//! disk before the next record is written. After a failed write nothing more is logged,
+//! drained or checkpointed. `Flush` mode keeps flushing sled (its log would not be synced,
+//! so after a power loss a record could be missing before a later one).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -108,7 +110,7 @@ pub(crate) struct StoreConfig {
     pub durability: Durability,
     /// `Wal::open`'s checkpoint size.
     pub wal_checkpoint_bytes: u64,
-    /// Logged batches of more writes go through the applier thread.
+    /// Logged writes are drained into sled once more than this many wait.
     pub background_apply_writes: usize,
 }
 
@@ -199,13 +201,17 @@ impl Overlay {
         out
     }
 
-    /// Adds `newer`'s writes, which replace this overlay's writes of the same keys: a map
-    /// that is empty here is taken whole (a large write set costs no inserts under the
-    /// staging lock), others key by key.
+    /// Adds `newer`'s writes, which replace this overlay's writes of the same keys. The
+    /// smaller map of each tree is inserted into the larger (a large write set costs few
+    /// inserts under the staging lock).
     fn merge(&mut self, newer: Overlay) {
         for (map, mut add) in self.trees.iter_mut().zip(newer.trees) {
-            if map.is_empty() {
+            if add.len() > map.len() {
                 std::mem::swap(map, &mut add);
+                // `add` holds the older writes now: they fill in only keys `newer` lacks.
+                for (key, value) in add {
+                    map.entry(key).or_insert(value);
+                }
             } else {
                 map.extend(add);
             }
@@ -248,34 +254,50 @@ impl Drop for RoundGuard<'_> {
     }
 }
 
-/// Durable-mode write sets not yet applied to sled (see the module comment).
+/// Durable-mode write sets not yet in sled (see the module comment). Reads consult them
+/// newest first: `current`, `applying` (newest first), `logged`, `draining`.
 #[derive(Default)]
 struct Staged {
     /// Staged since the current leader took its batch.
     current: Overlay,
-    /// Batches taken by flush leaders and not yet wholly in sled, oldest first (more than
-    /// one while a round applies its batch after releasing its waiters); reads consult them
-    /// after `current`, newest first.
+    /// Batches taken by flush leaders and not yet logged (or, without a log, not yet wholly
+    /// in sled), oldest first.
     applying: VecDeque<Arc<Overlay>>,
+    /// Logged batches not yet taken by a drain, merged (`Fsync` mode on disk).
+    logged: Overlay,
+    /// Logged writes being written into sled by a drain.
+    draining: Option<Arc<Overlay>>,
+    /// A drain failed: `draining` never reaches sled in this process.
+    drain_failed: bool,
+    /// The store is closing: the drain thread drains what is left and ends.
+    closing: bool,
 }
 
 impl Staged {
+    /// The maps of `tree` that reads consult, oldest first.
+    fn maps(
+        &self,
+        t: usize,
+    ) -> impl DoubleEndedIterator<Item = &BTreeMap<Vec<u8>, Option<Vec<u8>>>> + Clone {
+        self.draining
+            .iter()
+            .map(move |d| &d.trees[t])
+            .chain([&self.logged.trees[t]])
+            .chain(self.applying.iter().map(move |a| &a.trees[t]))
+            .chain([&self.current.trees[t]])
+    }
+
     /// The staged value of `key`: `Some(None)` when staged as deleted, `None` when not staged.
     fn get(&self, tree: TreeId, key: &[u8]) -> Option<Option<&[u8]>> {
-        let t = tree as usize;
-        self.current.trees[t]
-            .get(key)
-            .or_else(|| self.applying.iter().rev().find_map(|a| a.trees[t].get(key)))
+        self.maps(tree as usize)
+            .rev()
+            .find_map(|m| m.get(key))
             .map(|v| v.as_deref())
     }
 
     /// Every staged entry of `tree` within `bounds`, in key order.
     fn range(&self, tree: TreeId, bounds: &KeyBounds) -> Vec<Entry> {
-        let t = tree as usize;
-        let applying = self.applying.iter().map(|a| &a.trees[t]);
-        let maps = applying
-            .chain([&self.current.trees[t]])
-            .filter(|m| !m.is_empty());
+        let maps = self.maps(tree as usize).filter(|m| !m.is_empty());
         if is_empty(bounds) || maps.clone().next().is_none() {
             return Vec::new();
         }
@@ -407,228 +429,165 @@ fn fail(flush: &Mutex<FlushState>, why: String) {
     lock(flush).failed.get_or_insert(why);
 }
 
-/// By default, a logged batch of more writes than this is applied by the applier thread, and
-/// its round's leader returns once it is durable; a smaller one by the leader itself, in its
-/// turn, as waking another thread for it costs more than it saves on two cores
-/// (`BENCHMARKS.md`). `QueueBuilder::background_apply_writes` sets another.
+/// By default, logged writes wait in the overlay until more than this many (each key counted
+/// once) are there, then the drain thread writes them into sled as one merged batch; a key
+/// written by several of them (a message enqueued, reserved and acked, a pool's wakeup
+/// counter) reaches sled once, and an index entry put and deleted again costs sled no write.
+/// `QueueBuilder::background_apply_writes` sets another; 0 drains every batch at once.
 pub(crate) const BACKGROUND_WRITES: usize = 256;
 
 /// A write set of more writes than this is sorted into maps before it is staged.
 const SMALL_WRITE_SET: usize = 32;
 
-/// A leader waits for the applier once more logged batches than this are not yet in sled.
-const MAX_UNAPPLIED: usize = 8;
+/// Logged writes beyond the drain threshold that may wait while a drain is in progress: a
+/// flush leader over it waits for that drain to end (this bounds the overlay reads look
+/// through, and its memory).
+const MAX_UNDRAINED: usize = 4 * BACKGROUND_WRITES;
 
-/// A logged batch on its way into sled, and who applies it.
-struct Unapplied {
-    batch: Arc<Overlay>,
-    by_leader: bool,
-}
-
-/// The logged batches not yet in sled, oldest first.
-#[derive(Default)]
-struct ApplyQueue {
-    pending: VecDeque<Unapplied>,
-    /// The front batch is being applied.
-    busy: bool,
-    closing: bool,
-}
-
-/// What applying a logged batch needs of the store (shared with the applier thread).
-struct ApplyWork {
+/// Writes logged batches into sled (`Fsync` mode on disk), merged, off their callers' path
+/// (see the module comment). Shared by the store and the drain thread.
+struct DrainWork {
     trees: Vec<sled::Tree>,
     staged: Arc<Mutex<Staged>>,
     flush: Arc<Mutex<FlushState>>,
     faults: Arc<Faults>,
-}
-
-impl ApplyWork {
-    /// Applies `batch` as plain writes (the log makes it atomic). After a failure nothing
-    /// more is written; a batch that failed (or panicked) stays in the overlay: it is
-    /// durable, the next open completes it, and sled without it is never read as state.
-    fn apply(&self, batch: &Arc<Overlay>) {
-        if lock(&self.flush).failed.is_some() {
-            return;
-        }
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            write_each(&self.trees, &self.faults, &batch.writes())
-        }));
-        match result {
-            Ok(Ok(())) => applied(&self.staged, batch),
-            Ok(Err(e)) => fail(&self.flush, e.to_string()),
-            Err(_) => fail(&self.flush, "applying a logged batch panicked".into()),
-        }
-    }
-}
-
-/// The applier's queue and its two signals: the thread waits for `work` (a batch that is
-/// its to apply, or closing), leaders and `wait_applied` for `progress` (the front batch
-/// done). Separate, so that a leader's own apply never wakes the thread for nothing.
-#[derive(Default)]
-struct ApplyShared {
-    queue: Mutex<ApplyQueue>,
+    /// Drain when more logged writes than this wait.
+    threshold: usize,
+    /// The thread waits here for writes to drain, or for the store to close.
     work: Condvar,
+    /// A drain ended: leaders over the bound and `wait_applied` wait here.
     progress: Condvar,
 }
 
-impl ApplyShared {
-    /// The front batch is in sled (or failed to get there).
-    fn done(&self) {
-        let mut q = lock(&self.queue);
-        q.pending.pop_front();
-        q.busy = false;
-        if q.pending.front().is_some_and(|u| !u.by_leader) {
-            self.work.notify_one();
+impl DrainWork {
+    /// Takes the logged writes as the next drain: when no drain is in progress, none failed,
+    /// and there are more than the threshold (any, with `all`).
+    fn take(&self, st: &mut Staged, all: bool) -> Option<Arc<Overlay>> {
+        let due = if all {
+            !st.logged.is_empty()
+        } else {
+            st.logged.len() > self.threshold
+        };
+        if st.draining.is_some() || st.drain_failed || !due {
+            return None;
+        }
+        let batch = Arc::new(std::mem::take(&mut st.logged));
+        st.draining = Some(batch.clone());
+        Some(batch)
+    }
+
+    /// Writes `batch` (taken by `take`) into sled as plain writes: the log holds every
+    /// batch in it, so a crash part way is completed on open. After a failure nothing more
+    /// is written, and a batch that failed (or panicked) stays in the overlay: it is
+    /// durable, the next open completes it, and sled without it is never read as state.
+    fn drain(&self, batch: &Arc<Overlay>) {
+        let result = if lock(&self.flush).failed.is_some() {
+            Ok(Err(Error::Poisoned("an earlier write failed".into())))
+        } else {
+            catch_unwind(AssertUnwindSafe(|| {
+                write_each(&self.trees, &self.faults, &batch.writes())
+            }))
+        };
+        let failed = match result {
+            Ok(Ok(())) => false,
+            Ok(Err(e)) => {
+                fail(&self.flush, e.to_string());
+                true
+            }
+            Err(_) => {
+                fail(
+                    &self.flush,
+                    "writing logged batches into sled panicked".into(),
+                );
+                true
+            }
+        };
+        let mut st = lock(&self.staged);
+        if failed {
+            st.drain_failed = true;
+        } else {
+            st.draining = None;
         }
         self.progress.notify_all();
     }
+
+    /// The thread: drains whenever enough logged writes wait; once the store closes,
+    /// drains what is left and ends.
+    fn run(&self) {
+        let mut st = lock(&self.staged);
+        loop {
+            let closing = st.closing;
+            if let Some(batch) = self.take(&mut st, closing) {
+                drop(st);
+                self.drain(&batch);
+                st = lock(&self.staged);
+                continue;
+            }
+            if closing {
+                return;
+            }
+            st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Returns once every write logged so far is in sled, draining them on this thread if
+    /// the drain thread is not already at it; or once a drain failed.
+    fn drain_all(&self) {
+        let mut st = lock(&self.staged);
+        loop {
+            if let Some(batch) = self.take(&mut st, true) {
+                drop(st);
+                self.drain(&batch);
+                st = lock(&self.staged);
+                continue;
+            }
+            if st.draining.is_none() || st.drain_failed {
+                return;
+            }
+            st = self.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A flush leader's part once its waiters are released: should a drain be in progress
+    /// with more than `MAX_UNDRAINED` writes waiting beyond the threshold, wait for it to end.
+    fn bound(&self) {
+        let st = lock(&self.staged);
+        let limit = self.threshold.saturating_add(MAX_UNDRAINED);
+        let _st = self
+            .progress
+            .wait_while(st, |st| {
+                st.draining.is_some() && !st.drain_failed && st.logged.len() > limit
+            })
+            .unwrap_or_else(|p| p.into_inner());
+    }
 }
 
-/// Applies logged batches to sled strictly in log order (`Fsync` mode on disk): large ones
-/// on a thread of its own, after their callers were released; small ones through their
-/// leader ([`OwnBatch`]). Dropped, it applies what is queued, then ends its thread.
-struct Applier {
-    work: Arc<ApplyWork>,
-    shared: Arc<ApplyShared>,
+/// The drain thread. Dropped, it drains what was logged, then ends.
+struct Drainer {
+    work: Arc<DrainWork>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Applier {
-    fn spawn(work: ApplyWork) -> Result<Applier> {
+impl Drainer {
+    fn spawn(work: DrainWork) -> Result<Drainer> {
         let work = Arc::new(work);
-        let shared = Arc::new(ApplyShared::default());
-        let (w, sh) = (work.clone(), shared.clone());
+        let w = work.clone();
         let thread = std::thread::Builder::new()
-            .name("cleanup-queue-applier".into())
-            .spawn(move || Applier::run(&w, &sh))?;
-        Ok(Applier {
+            .name("cleanup-queue-drain".into())
+            .spawn(move || w.run())?;
+        Ok(Drainer {
             work,
-            shared,
             thread: Some(thread),
         })
     }
-
-    /// The thread: applies the front batch whenever it is not its leader's to apply (or the
-    /// store is closing), until the store closes and nothing is left.
-    fn run(work: &ApplyWork, shared: &ApplyShared) {
-        loop {
-            let batch = {
-                let mut q = lock(&shared.queue);
-                loop {
-                    match q.pending.front() {
-                        Some(u) if !q.busy && (!u.by_leader || q.closing) => {
-                            let batch = u.batch.clone();
-                            q.busy = true;
-                            break batch;
-                        }
-                        None if q.closing => return,
-                        _ => q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner()),
-                    }
-                }
-            };
-            work.apply(&batch);
-            shared.done();
-        }
-    }
-
-    /// Queues a logged batch (the caller holds the log: batches queue in log order), to be
-    /// applied by the caller (`by_leader`) or by the thread.
-    fn push(&self, batch: Arc<Overlay>, by_leader: bool) -> Logged<'_> {
-        lock(&self.shared.queue).pending.push_back(Unapplied {
-            batch: batch.clone(),
-            by_leader,
-        });
-        if by_leader {
-            Logged::Own(OwnBatch {
-                applier: self,
-                batch: Some(batch),
-            })
-        } else {
-            self.shared.work.notify_one();
-            Logged::Background(self)
-        }
-    }
-
-    /// Returns once at most `n` logged batches are not yet in sled (or failed to get there).
-    fn wait_at_most(&self, n: usize) {
-        let q = lock(&self.shared.queue);
-        let _q = self
-            .shared
-            .progress
-            .wait_while(q, |q| q.pending.len() > n)
-            .unwrap_or_else(|p| p.into_inner());
-    }
 }
 
-impl Drop for Applier {
+impl Drop for Drainer {
     fn drop(&mut self) {
-        lock(&self.shared.queue).closing = true;
-        self.shared.work.notify_one();
+        lock(&self.work.staged).closing = true;
+        self.work.work.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-    }
-}
-
-/// A round's logged batch on its way into sled, and what its leader still does for it.
-enum Logged<'a> {
-    /// Apply it, in its turn.
-    Own(OwnBatch<'a>),
-    /// Nothing, unless the applier thread has fallen behind: then wait for it.
-    Background(&'a Applier),
-}
-
-impl Logged<'_> {
-    /// The leader's part, once its waiters are released: bounds the batches that reads
-    /// look through.
-    fn settle(self) {
-        match self {
-            Logged::Own(own) => own.apply(),
-            Logged::Background(applier) => applier.wait_at_most(MAX_UNAPPLIED),
-        }
-    }
-}
-
-/// A small logged batch that its round's leader applies once every earlier one is in sled.
-/// Dropped unapplied (the leader unwinds), it is handed to the applier thread.
-struct OwnBatch<'a> {
-    applier: &'a Applier,
-    batch: Option<Arc<Overlay>>,
-}
-
-impl OwnBatch<'_> {
-    fn apply(mut self) {
-        let Some(batch) = self.batch.take() else {
-            return;
-        };
-        let shared = &self.applier.shared;
-        let q = lock(&shared.queue);
-        let mut q = shared
-            .progress
-            .wait_while(q, |q| {
-                q.busy
-                    || !q
-                        .pending
-                        .front()
-                        .is_some_and(|u| Arc::ptr_eq(&u.batch, &batch))
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        q.busy = true;
-        drop(q);
-        self.applier.work.apply(&batch);
-        shared.done();
-    }
-}
-
-impl Drop for OwnBatch<'_> {
-    fn drop(&mut self) {
-        if let Some(batch) = self.batch.take() {
-            let shared = &self.applier.shared;
-            let mut q = lock(&shared.queue);
-            if let Some(u) = q.pending.iter_mut().find(|u| Arc::ptr_eq(&u.batch, &batch)) {
-                u.by_leader = false;
-            }
-            shared.work.notify_one();
         }
     }
 }
@@ -643,9 +602,9 @@ struct FlushState {
 }
 
 pub(crate) struct Store {
-    /// Applies logged batches to sled (`Fsync` mode on disk only). First, so that a dropped
-    /// store joins it before anything else goes.
-    applier: Option<Applier>,
+    /// Drains logged batches into sled (`Fsync` mode on disk only). First, so that a
+    /// dropped store joins it before anything else goes.
+    drainer: Option<Drainer>,
     db: sled::Db,
     trees: Vec<sled::Tree>,
     durability: Durability,
@@ -740,7 +699,7 @@ impl Store {
         };
         let checkpoint_bytes = config.wal_checkpoint_bytes;
         let mut store = Store {
-            applier: None,
+            drainer: None,
             db,
             trees,
             durability: config.durability,
@@ -765,13 +724,16 @@ impl Store {
         store.check_format()?;
         store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
         if store.wal.is_some() {
-            let work = ApplyWork {
+            let work = DrainWork {
                 trees: store.trees.clone(),
                 staged: store.staged.clone(),
                 flush: store.flush.clone(),
                 faults: store.faults.clone(),
+                threshold: config.background_apply_writes,
+                work: Condvar::new(),
+                progress: Condvar::new(),
             };
-            store.applier = Some(Applier::spawn(work)?);
+            store.drainer = Some(Drainer::spawn(work)?);
         }
         Ok(store)
     }
@@ -1134,16 +1096,21 @@ impl Store {
         }
     }
 
-    /// A flush leader's round with a log: takes the batch, logs it and queues it to be
-    /// applied (see the module comment). Returns the last ticket it covers, and the logged
-    /// batch, if there was one.
-    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, Option<Logged<'_>>)> {
+    /// A flush leader's round with a log: takes the batch, logs it and hands it to the
+    /// drain (see the module comment). Returns the last ticket it covers, and whether it
+    /// logged a batch.
+    fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, bool)> {
         let (target, batch) = self.take_batch()?;
         let Some(batch) = batch else {
-            return Ok((target, None));
+            return Ok((target, false));
         };
-        match self.log_batch(&mut lock(log), batch.clone()) {
-            Ok(logged) => Ok((target, Some(logged))),
+        let mut log = lock(log);
+        match self.log_batch(&mut log, &batch) {
+            Ok(()) => {
+                // Still under the log: batches join `logged` in log order.
+                self.logged(batch);
+                Ok((target, true))
+            }
             Err(e) => {
                 self.applied(&batch);
                 Err(e)
@@ -1151,17 +1118,11 @@ impl Store {
         }
     }
 
-    /// Writes `batch` to the log, syncs it and queues it for the applier (in log order: the
-    /// caller holds the log), checkpointing first when the log is full. Refused once a
-    /// write failed: before it logs (an earlier round failed after this one took its batch;
-    /// should one fail while this one logs, both records replay in order), and before it
-    /// checkpoints.
-    fn log_batch(&self, log: &mut Wal, batch: Arc<Overlay>) -> Result<Logged<'_>> {
-        // `open` starts the applier with the log: never missing here.
-        let applier = self
-            .applier
-            .as_ref()
-            .ok_or_else(|| Error::Storage("a write-ahead log without its applier".into()))?;
+    /// Writes `batch` to the log and syncs it, checkpointing first when the log is full.
+    /// Refused once a write failed: before it logs (an earlier round failed after this one
+    /// took its batch; should one fail while this one logs, both records replay in order),
+    /// and before it checkpoints.
+    fn log_batch(&self, log: &mut Wal, batch: &Overlay) -> Result<()> {
         let record = codec::encode_journal(batch.writes()).map_err(Error::Storage)?;
         if let Some(e) = self.failure() {
             // An earlier round failed after this one took its batch.
@@ -1176,15 +1137,34 @@ impl Store {
         log.append(&record)?;
         log.sync()?;
         self.storage_commits.fetch_add(1, Ordering::Relaxed);
-        let by_leader = batch.len() <= self.background_writes;
-        Ok(applier.push(batch, by_leader))
+        Ok(())
+    }
+
+    /// `batch`, the oldest taken, is logged: it moves from `applying` into `logged`, merged
+    /// (the caller holds the log, so batches arrive in log order), and the drain thread is
+    /// woken once enough waits.
+    fn logged(&self, batch: Arc<Overlay>) {
+        let Some(drainer) = &self.drainer else {
+            // `open` starts the drain with the log: never missing here.
+            return;
+        };
+        let mut st = lock(&self.staged);
+        st.applying.retain(|b| !Arc::ptr_eq(b, &batch));
+        // No other reference is left (reads borrow under the lock); should one be, copy.
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| Overlay {
+            trees: shared.trees.clone(),
+        });
+        st.logged.merge(batch);
+        if st.logged.len() > drainer.work.threshold && st.draining.is_none() {
+            drainer.work.work.notify_one();
+        }
     }
 
     /// Returns once every logged batch is in sled; refused if one failed to get there
     /// (nothing may be written to sled after it, nor a checkpoint retire its record).
     pub fn wait_applied(&self) -> Result<()> {
-        if let Some(applier) = &self.applier {
-            applier.wait_at_most(0);
+        if let Some(drainer) = &self.drainer {
+            drainer.work.drain_all();
         }
         match self.failure() {
             Some(e) => Err(Error::Poisoned(format!("writing to disk failed: {e}"))),
@@ -1294,11 +1274,14 @@ impl Store {
             let (r, logged) = match &self.wal {
                 Some(log) => match self.log_staged(log) {
                     Ok((target, logged)) => (Ok(target), logged),
-                    Err(e) => (Err(e), None),
+                    Err(e) => (Err(e), false),
                 },
                 None => {
                     let r = self.apply_staged(|writes| self.apply(writes));
-                    (r.and_then(|target| self.flush_now().map(|()| target)), None)
+                    (
+                        r.and_then(|target| self.flush_now().map(|()| target)),
+                        false,
+                    )
                 }
             };
             st = lock(&self.flush);
@@ -1311,11 +1294,10 @@ impl Store {
                 }
             }
             self.flushed.notify_all();
-            if let Some(logged) = logged {
+            if let (true, Some(drainer)) = (logged, &self.drainer) {
                 // Durable already: the waiters go on (and the next round may log its batch)
-                // while this one reaches sled, through this leader if it is small, else
-                // through the applier thread. Should that fall behind, the leader waits for
-                // it: this bounds the batches that reads look through.
+                // while the drain thread writes logged batches into sled. Should it fall
+                // behind, the leader waits for it: this bounds what reads look through.
                 let covered = st.failed.is_none() && st.durable >= ticket;
                 drop(st);
                 if covered {
@@ -1323,7 +1305,7 @@ impl Store {
                         durable();
                     }
                 }
-                logged.settle();
+                drainer.work.bound();
                 st = lock(&self.flush);
             }
         }
@@ -1664,14 +1646,13 @@ mod tests {
         store.fail("injected: an earlier batch failed".into());
         let mut batch = Overlay::default();
         batch.insert(TreeId::Redrives, b"late".to_vec(), Some(b"v".to_vec()));
-        let batch = Arc::new(batch);
         let log = store.wal.as_ref().expect("a log in Fsync mode");
         assert!(lock(log).is_full());
         for full in [true, false] {
             if !full {
                 lock(log).restart(before);
             }
-            let r = store.log_batch(&mut lock(log), batch.clone());
+            let r = store.log_batch(&mut lock(log), &batch);
             assert!(matches!(r, Err(Error::Poisoned(_))), "{full}");
         }
         assert_eq!(generation(&store), before, "no checkpoint");
@@ -1747,6 +1728,109 @@ mod tests {
 
     fn pair(k: &[u8], v: &[u8]) -> (Vec<u8>, Vec<u8>) {
         (k.to_vec(), v.to_vec())
+    }
+
+    /// Logged batches wait in the overlay, merged, until more than the threshold of keys
+    /// do: reads see the newest value of each key meanwhile (by key and in ranges), and a
+    /// drain writes each key once, with its last value; a key put and deleted again never
+    /// reaches sled.
+    #[test]
+    fn logged_batches_are_merged_and_drained_with_their_last_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = on_disk(&dir.path().join("db"));
+        let t = TreeId::Redrives;
+        let commit = |ops: &[(&[u8], Option<&[u8]>)]| {
+            let mut ws = WriteSet::default();
+            for (k, v) in ops {
+                match v {
+                    Some(v) => ws.put(t, *k, v.to_vec()),
+                    None => ws.delete(t, *k),
+                }
+            }
+            let ticket = store.commit(ws).expect("commit");
+            store.wait_durable(ticket).expect("durable");
+        };
+        commit(&[(b"k", Some(b"1")), (b"gone", Some(b"x"))]);
+        commit(&[(b"k", Some(b"2")), (b"j", Some(b"1"))]);
+        commit(&[(b"gone", None), (b"k", Some(b"3"))]);
+        assert_eq!(
+            store.tree(t).len(),
+            0,
+            "below the threshold: nothing drained"
+        );
+        assert_eq!(value(&store, b"k"), Some(b"3".to_vec()));
+        assert_eq!(value(&store, b"gone"), None);
+        let all: Vec<_> = store
+            .range(t, ..)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_>>()
+            .expect("range");
+        assert_eq!(all, vec![pair(b"j", b"1"), pair(b"k", b"3")]);
+        assert_eq!(lock(&store.staged).logged.len(), 3, "one entry per key");
+
+        // Over the threshold, the drain thread writes everything waiting.
+        let mut ws = WriteSet::default();
+        for i in 0..BACKGROUND_WRITES {
+            ws.put(t, format!("n{i:04}"), b"v".to_vec());
+        }
+        let ticket = store.commit(ws).expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        let drainer = store.drainer.as_ref().expect("a drain in Fsync mode");
+        {
+            let st = lock(&store.staged);
+            let _st = drainer
+                .work
+                .progress
+                .wait_while(st, |st| !st.logged.is_empty() || st.draining.is_some())
+                .expect("wait");
+        }
+        let sled = store.tree(t);
+        assert_eq!(sled.len(), BACKGROUND_WRITES + 2);
+        assert_eq!(sled.get(b"k").expect("get").as_deref(), Some(&b"3"[..]));
+        assert_eq!(sled.get(b"gone").expect("get"), None);
+        assert_eq!(value(&store, b"n0000"), Some(b"v".to_vec()));
+    }
+
+    /// Merging keeps the newer write of a key whichever side is larger (the smaller map is
+    /// inserted into the larger one).
+    #[test]
+    fn merging_overlays_keeps_the_newer_write() {
+        let t = TreeId::Redrives;
+        for (older_len, newer_len) in [(1, 5), (5, 1), (3, 3), (0, 2), (2, 0)] {
+            let mut older = Overlay::default();
+            for i in 0..older_len {
+                older.insert(t, vec![i], Some(b"old".to_vec()));
+            }
+            let mut newer = Overlay::default();
+            for i in 0..newer_len {
+                newer.insert(
+                    t,
+                    vec![i],
+                    if i % 2 == 0 {
+                        Some(b"new".to_vec())
+                    } else {
+                        None
+                    },
+                );
+            }
+            older.merge(newer);
+            let map = &older.trees[t as usize];
+            assert_eq!(map.len(), older_len.max(newer_len) as usize);
+            for i in 0..older_len.max(newer_len) {
+                let expected = if i >= newer_len {
+                    Some(b"old".to_vec())
+                } else if i % 2 == 0 {
+                    Some(b"new".to_vec())
+                } else {
+                    None
+                };
+                assert_eq!(
+                    map.get(&vec![i]),
+                    Some(&expected),
+                    "{older_len} {newer_len} {i}"
+                );
+            }
+        }
     }
 
     /// In a durable mode a committed write set is staged: every read sees it at once, sled

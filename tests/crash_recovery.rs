@@ -190,9 +190,8 @@ fn crash_child() {
             .expect("open log"),
     )));
     let clock = ManualClock::new(START.saturating_add(DAY * cycle as u32));
-    // Every other cycle, every logged batch goes through the background applier thread
-    // (by default only batches of more than 256 writes do, which this workload never
-    // makes), so that kills also land while batches wait for it.
+    // Every other cycle, every logged batch is drained into sled at once (by default logged
+    // writes wait until more than 256 do), so that kills land at both stages.
     let builder = builder(Path::new(db), &clock, mode_from(mode));
     let builder = match cycle % 2 {
         0 => builder.background_apply_writes(0),
