@@ -207,6 +207,7 @@ impl QueueBuilder {
             durability: self.durability,
             wal_checkpoint_bytes: self.wal_checkpoint_bytes,
             background_apply_writes: self.background_apply_writes,
+            idle_drain: crate::store::IDLE_DRAIN,
         })?;
         let next_seq = store.get_u64(TreeId::Meta, keys::META_SEQ)?;
         let metrics = load_metrics(&store)?;

@@ -112,6 +112,8 @@ pub(crate) struct StoreConfig {
     pub wal_checkpoint_bytes: u64,
     /// Logged writes are drained into sled once more than this many wait.
     pub background_apply_writes: usize,
+    /// Fewer are drained once no batch was logged for this long.
+    pub idle_drain: Duration,
 }
 
 /// A set of puts and deletes applied as one atomic transaction.
@@ -267,6 +269,8 @@ struct Staged {
     logged: Overlay,
     /// Logged writes being written into sled by a drain.
     draining: Option<Arc<Overlay>>,
+    /// Batches merged into `logged` so far (the drain thread tells idleness by it).
+    logged_batches: u64,
     /// A drain failed: `draining` never reaches sled in this process.
     drain_failed: bool,
     /// The store is closing: the drain thread drains what is left and ends.
@@ -436,6 +440,11 @@ fn fail(flush: &Mutex<FlushState>, why: String) {
 /// `QueueBuilder::background_apply_writes` sets another; 0 drains every batch at once.
 pub(crate) const BACKGROUND_WRITES: usize = 256;
 
+/// Logged writes below the threshold are drained once no batch was logged for this long,
+/// so that the overlay empties after a burst (an empty reserve copies the overlay's entries
+/// of the range it scans).
+pub(crate) const IDLE_DRAIN: Duration = Duration::from_millis(5);
+
 /// A write set of more writes than this is sorted into maps before it is staged.
 const SMALL_WRITE_SET: usize = 32;
 
@@ -453,6 +462,8 @@ struct DrainWork {
     faults: Arc<Faults>,
     /// Drain when more logged writes than this wait.
     threshold: usize,
+    /// Drain any once no batch was logged for this long.
+    idle: Duration,
     /// The thread waits here for writes to drain, or for the store to close.
     work: Condvar,
     /// A drain ended: leaders over the bound and `wait_applied` wait here.
@@ -507,26 +518,43 @@ impl DrainWork {
             st.drain_failed = true;
         } else {
             st.draining = None;
+            if !st.logged.is_empty() {
+                // More was logged while this drain ran (perhaps on a caller's thread).
+                self.work.notify_one();
+            }
         }
         self.progress.notify_all();
     }
 
-    /// The thread: drains whenever enough logged writes wait; once the store closes,
-    /// drains what is left and ends.
+    /// The thread: drains whenever enough logged writes wait, or any once no batch was
+    /// logged for `idle`; once the store closes, drains what is left and ends.
     fn run(&self) {
         let mut st = lock(&self.staged);
+        let mut idle = false;
         loop {
             let closing = st.closing;
-            if let Some(batch) = self.take(&mut st, closing) {
+            if let Some(batch) = self.take(&mut st, closing || idle) {
                 drop(st);
                 self.drain(&batch);
                 st = lock(&self.staged);
+                idle = false;
                 continue;
             }
             if closing {
                 return;
             }
-            st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+            if st.logged.is_empty() || st.draining.is_some() || st.drain_failed {
+                idle = false;
+                st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+            } else {
+                let seen = st.logged_batches;
+                let (guard, waited) = self
+                    .work
+                    .wait_timeout(st, self.idle)
+                    .unwrap_or_else(|p| p.into_inner());
+                st = guard;
+                idle = waited.timed_out() && st.logged_batches == seen;
+            }
         }
     }
 
@@ -730,6 +758,7 @@ impl Store {
                 flush: store.flush.clone(),
                 faults: store.faults.clone(),
                 threshold: config.background_apply_writes,
+                idle: config.idle_drain,
                 work: Condvar::new(),
                 progress: Condvar::new(),
             };
@@ -1154,8 +1183,11 @@ impl Store {
         let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| Overlay {
             trees: shared.trees.clone(),
         });
+        let was_empty = st.logged.is_empty();
         st.logged.merge(batch);
-        if st.logged.len() > drainer.work.threshold && st.draining.is_none() {
+        st.logged_batches += 1;
+        // Wake the thread to drain, or to start timing the idle drain.
+        if (was_empty || st.logged.len() > drainer.work.threshold) && st.draining.is_none() {
             drainer.work.work.notify_one();
         }
     }
@@ -1361,17 +1393,24 @@ mod tests {
             durability,
             wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
             background_apply_writes: BACKGROUND_WRITES,
+            idle_drain: IDLE_DRAIN,
         })
         .expect("open")
     }
 
     fn try_on_disk(dir: &Path) -> Result<Store> {
+        open_idle(dir, IDLE_DRAIN)
+    }
+
+    /// An `Fsync` store on disk whose drain writes what waits after `idle` without logs.
+    fn open_idle(dir: &Path, idle: Duration) -> Result<Store> {
         Store::open(StoreConfig {
             location: Location::Path(dir.to_path_buf()),
             cache_capacity: 1 << 20,
             durability: Durability::Fsync,
             wal_checkpoint_bytes: wal::CHECKPOINT_BYTES,
             background_apply_writes: BACKGROUND_WRITES,
+            idle_drain: idle,
         })
     }
 
@@ -1737,7 +1776,8 @@ mod tests {
     #[test]
     fn logged_batches_are_merged_and_drained_with_their_last_values() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = on_disk(&dir.path().join("db"));
+        // No idle drain during the test.
+        let store = open_idle(&dir.path().join("db"), Duration::from_secs(3600)).expect("open");
         let t = TreeId::Redrives;
         let commit = |ops: &[(&[u8], Option<&[u8]>)]| {
             let mut ws = WriteSet::default();
@@ -1789,6 +1829,29 @@ mod tests {
         assert_eq!(sled.get(b"k").expect("get").as_deref(), Some(&b"3"[..]));
         assert_eq!(sled.get(b"gone").expect("get"), None);
         assert_eq!(value(&store, b"n0000"), Some(b"v".to_vec()));
+    }
+
+    /// Logged writes below the threshold reach sled once no batch was logged for the idle
+    /// interval, so the overlay empties after a burst.
+    #[test]
+    fn logged_writes_below_the_threshold_are_drained_when_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = on_disk(&dir.path().join("db"));
+        put(&store, b"a", b"1");
+        put(&store, b"b", b"2");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = lock(&store.staged);
+            if st.logged.is_empty() && st.draining.is_none() {
+                break;
+            }
+            drop(st);
+            assert!(std::time::Instant::now() < deadline, "never drained");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let sled = store.tree(TreeId::Redrives);
+        assert_eq!(sled.get(b"a").expect("get").as_deref(), Some(&b"1"[..]));
+        assert_eq!(sled.get(b"b").expect("get").as_deref(), Some(&b"2"[..]));
     }
 
     /// Merging keeps the newer write of a key whichever side is larger (the smaller map is
