@@ -840,23 +840,28 @@ impl Model {
         let Some(ret) = self.policy.completed_retention else {
             return 0;
         };
-        let mut due: Vec<(Timestamp, Uuid, Uuid)> = self
+        // Oldest completion first; ties by pool, then by enqueue order (the engine's
+        // tombstone index is keyed by completion time, pool and enqueue sequence). `recs`
+        // is in enqueue order: new messages are pushed, removals keep the order.
+        let mut due: Vec<(Timestamp, Uuid, usize)> = self
             .recs
             .iter()
-            .filter_map(|r| match r.state {
+            .enumerate()
+            .filter_map(|(i, r)| match r.state {
                 MState::Acked { completed_at }
                     if completed_at.as_micros() + ret.as_micros() as i64 <= now.as_micros() =>
                 {
-                    Some((completed_at, r.msg.work_pool_id, r.msg.message_id))
+                    Some((completed_at, r.msg.work_pool_id, i))
                 }
                 _ => None,
             })
             .collect();
         due.sort();
         due.truncate(limit);
-        self.recs.retain(|r| {
-            !due.iter()
-                .any(|(_, p, id)| *p == r.msg.work_pool_id && *id == r.msg.message_id)
+        let mut i = 0;
+        self.recs.retain(|_| {
+            i += 1;
+            !due.iter().any(|(_, _, at)| *at == i - 1)
         });
         due.len()
     }
