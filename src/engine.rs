@@ -438,10 +438,10 @@ impl Queue {
     /// caller lead the flush round, it takes what is staged at once. `durable` runs as soon
     /// as `pending`'s writes are durable (never if they failed to become durable; a failure
     /// of a later round does not take it back): should this caller lead
-    /// the round, before it goes on to apply the round's batch to sled, which durability
-    /// does not wait for. For a thread that flushes on behalf of callers it counts itself
-    /// (the Prefect plug-in's notifier gathers the calls of its event loop without
-    /// spinning, and tells the loop before the apply).
+    /// the round, before it waits for the drain into the storage trees (only when that is
+    /// far behind), which durability does not need. For a thread that flushes on behalf of
+    /// callers it counts itself (the Prefect plug-in's notifier gathers the calls of its
+    /// event loop without spinning, and tells the loop before any such wait).
     pub fn wait_durable_now(&self, pending: &Pending, durable: impl FnOnce()) -> Result<()> {
         self.inner()
             .store

@@ -3,11 +3,12 @@
 //!
 //! A committed write set is first *staged*: merged into an in-memory overlay that every read
 //! of this module consults before sled, so the next operation already sees it. In `Buffered`
-//! mode it is applied to sled at once; in the durable modes by the next flush leader.
-//! Group commit works without a thread of its own: a caller whose write is not yet durable
-//! either becomes the flush leader, or waits on a condvar for the leader in progress. The
-//! leader applies everything staged so far as **one** atomic batch, flushes once, and
-//! publishes the last ticket it covered as durable. Meanwhile other callers keep staging,
+//! mode it is applied to sled at once; in the durable modes the next flush leader makes it
+//! durable. Group commit works without a thread of its own: a caller whose write is not yet
+//! durable either becomes the flush leader, or waits on a condvar for the leader in
+//! progress. The leader takes everything staged so far as **one** atomic batch, makes it
+//! durable with one flush (`Flush`: applied to sled, then sled flushed; `Fsync`: one log
+//! record, below), and publishes the last ticket it covered as durable. Meanwhile other callers keep staging,
 //! so a crowd shares one transaction and one flush per round, and a lone caller does
 //! exactly one of each.
 //!
@@ -331,8 +332,8 @@ fn is_empty(bounds: &KeyBounds) -> bool {
 
 /// Entries of one tree in key order: sled's, overlaid by the staged ones taken when the
 /// iterator was made. For the writer-lock holder this is exact: nothing else stages while it
-/// holds the lock, and a leader applying meanwhile writes exactly the staged entries it
-/// already sees. A lock-free reader iterating while writers commit may see keys from
+/// holds the lock, and a drain or a leader writing into sled meanwhile writes exactly the
+/// staged entries it already sees. A lock-free reader iterating while writers commit may see keys from
 /// different moments, as a plain sled iterator always could.
 pub(crate) struct Entries {
     sled: Peekable<sled::Iter>,
@@ -449,8 +450,9 @@ pub(crate) const IDLE_DRAIN: Duration = Duration::from_millis(5);
 const SMALL_WRITE_SET: usize = 32;
 
 /// Logged writes beyond the drain threshold that may wait while a drain is in progress: a
-/// flush leader over it waits for that drain to end (this bounds the overlay reads look
-/// through, and its memory).
+/// flush leader over it waits for that drain to end. With the idle drain and checkpoints,
+/// this bounds the overlay that reads look through, and its memory, to about the
+/// threshold plus this plus one round's batch and the batch being drained.
 const MAX_UNDRAINED: usize = 4 * BACKGROUND_WRITES;
 
 /// Writes logged batches into sled (`Fsync` mode on disk), merged, off their callers' path
@@ -654,7 +656,8 @@ pub(crate) struct Store {
     flush: Arc<Mutex<FlushState>>,
     flushed: Condvar,
     path: Option<PathBuf>,
-    /// A staged or logged batch of more writes is large (`StoreConfig`).
+    /// A staged batch of more writes is large: not worth gathering company for
+    /// (`StoreConfig::background_apply_writes`, also the drain threshold).
     background_writes: usize,
     /// Test-only failure injection.
     pub(crate) faults: Arc<Faults>,
@@ -1129,6 +1132,11 @@ impl Store {
     /// drain (see the module comment). Returns the last ticket it covers, and whether it
     /// logged a batch.
     fn log_staged(&self, log: &Mutex<Wal>) -> Result<(u64, bool)> {
+        // `open` starts the drain with the log: never missing here.
+        let drainer = self
+            .drainer
+            .as_ref()
+            .ok_or_else(|| Error::Storage("a write-ahead log without its drain".into()))?;
         let (target, batch) = self.take_batch()?;
         let Some(batch) = batch else {
             return Ok((target, false));
@@ -1137,7 +1145,7 @@ impl Store {
         match self.log_batch(&mut log, &batch) {
             Ok(()) => {
                 // Still under the log: batches join `logged` in log order.
-                self.logged(batch);
+                self.logged(drainer, batch);
                 Ok((target, true))
             }
             Err(e) => {
@@ -1172,14 +1180,11 @@ impl Store {
     /// `batch`, the oldest taken, is logged: it moves from `applying` into `logged`, merged
     /// (the caller holds the log, so batches arrive in log order), and the drain thread is
     /// woken once enough waits.
-    fn logged(&self, batch: Arc<Overlay>) {
-        let Some(drainer) = &self.drainer else {
-            // `open` starts the drain with the log: never missing here.
-            return;
-        };
+    fn logged(&self, drainer: &Drainer, batch: Arc<Overlay>) {
         let mut st = lock(&self.staged);
         st.applying.retain(|b| !Arc::ptr_eq(b, &batch));
-        // No other reference is left (reads borrow under the lock); should one be, copy.
+        // No other reference is left (reads borrow under the lock, and `applying` let go of
+        // it just now); should one be, copy.
         let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| Overlay {
             trees: shared.trees.clone(),
         });
@@ -1247,7 +1252,7 @@ impl Store {
         )
     }
 
-    /// Whether the writes staged for the next round are more than a leader applies itself
+    /// Whether the writes staged for the next round are more than the drain threshold
     /// (`background_apply_writes`): such a round is not worth waiting for company.
     pub fn staged_is_large(&self) -> bool {
         lock(&self.staged).current.len() > self.background_writes
@@ -1265,8 +1270,9 @@ impl Store {
     }
 
     /// [`wait_durable`](Store::wait_durable), running `durable` as soon as the ticket is
-    /// durable: should this caller lead the round, that is before it applies the round's
-    /// logged batch to sled (which the ticket's durability does not need), if the batch is
+    /// durable: should this caller lead the round, that is before it waits for the drain
+    /// (only if the drain is far behind; the ticket's durability does not need it), if the
+    /// batch is
     /// small enough to be the leader's to apply.
     pub fn wait_durable_then(&self, ticket: u64, durable: impl FnOnce()) -> Result<()> {
         self.wait_round(ticket, || {}, durable)
@@ -1280,8 +1286,8 @@ impl Store {
         let mut durable = Some(durable);
         let mut st = lock(&self.flush);
         loop {
-            // Durable first: a failure after the round that covered `ticket` (the applier's,
-            // or a later round's) takes nothing from it.
+            // Durable first: a failure after the round that covered `ticket` (a drain's, or a
+            // later round's) takes nothing from it.
             if st.durable >= ticket {
                 drop(st);
                 if let Some(durable) = durable.take() {
@@ -1469,12 +1475,12 @@ mod tests {
         }
     }
 
-    /// A logged batch larger than `BACKGROUND_WRITES` reaches sled through the applier
-    /// thread: its caller returns once it is durable, a read sees it at once, and an apply
-    /// that fails there leaves the caller's result standing, refuses later writes and is
-    /// completed by the next open. A dropped store first applies what it queued.
+    /// A logged batch larger than `BACKGROUND_WRITES` reaches sled through the drain
+    /// thread: its caller returns once it is durable, a read sees it at once, and a drain
+    /// that fails leaves the caller's result standing, refuses later writes, stays readable
+    /// whole and is completed by the next open. A dropped store first drains what waits.
     #[test]
-    fn a_large_batch_is_applied_by_the_applier_thread() {
+    fn a_large_batch_is_drained_by_the_drain_thread() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
         let large = |tag: &str| {
@@ -1493,7 +1499,7 @@ mod tests {
             let t = store.tree(TreeId::Redrives);
             assert_eq!(t.len(), BACKGROUND_WRITES + 1, "all in sled");
             // Dropped right after a large batch: the next open has it (applied by the
-            // applier before it ends, or else replayed from the log).
+            // drain before it ends, or else replayed from the log).
             let ticket = store.commit(large("b")).expect("commit");
             store.wait_durable(ticket).expect("durable");
         }
@@ -1506,7 +1512,7 @@ mod tests {
             store.faults.tear_apply_after(7);
             let ticket = store.commit(large("c")).expect("commit");
             store.wait_durable(ticket).expect("durable once logged");
-            let e = store.wait_applied().expect_err("torn on the applier");
+            let e = store.wait_applied().expect_err("torn in the drain");
             assert!(e.to_string().contains("injected torn apply"), "{e}");
             assert_eq!(value(&store, b"c0200"), Some(b"v".to_vec()), "read whole");
             let mut ws = WriteSet::default();
@@ -1540,11 +1546,10 @@ mod tests {
         assert_eq!(log.len(), 1 << 20, "one growth step covers 64 KiB");
     }
 
-    /// A leader that unwinds before applying its small logged batch (its `durable`
-    /// callback panics) hands the batch to the applier thread: it still reaches sled, and
-    /// later batches are not held up behind it.
+    /// A leader that unwinds after logging its batch (its `durable` callback panics) leaves
+    /// nothing behind: the batch still reaches sled, and later batches are not held up.
     #[test]
-    fn a_small_batch_whose_leader_unwinds_is_applied_all_the_same() {
+    fn a_batch_whose_leader_unwinds_is_drained_all_the_same() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = on_disk(&dir.path().join("db"));
         let mut ws = WriteSet::default();
