@@ -67,6 +67,15 @@ impl TreeId {
         TreeId::MessageIds,
     ];
 
+    /// The trees whose keys end in the `seq` of the transition that wrote them (the visible
+    /// and lease indexes): each key is put at most once, so a put always creates the key,
+    /// and a delete that follows a put not yet in sled leaves nothing for sled to do.
+    pub const CREATED_ONCE: [TreeId; 3] = [
+        TreeId::VisibleByKind,
+        TreeId::VisibleByQueue,
+        TreeId::LeasesByPool,
+    ];
+
     /// The name errors use.
     pub const fn name(self) -> &'static str {
         match self {

@@ -221,6 +221,24 @@ impl Overlay {
         }
     }
 
+    /// [`merge`](Overlay::merge) for the logged writes: in the trees of
+    /// [`TreeId::CREATED_ONCE`], a delete of a key that this overlay puts removes the key
+    /// instead. The put created it, so neither sled nor an older overlay holds it (a
+    /// message reserved and acked before its drain leaves no index entry to write).
+    fn merge_cancelling(&mut self, mut newer: Overlay) {
+        for t in TreeId::CREATED_ONCE {
+            let map = &mut self.trees[t as usize];
+            newer.trees[t as usize].retain(|key, value| {
+                let cancels = value.is_none() && matches!(map.get(key), Some(Some(_)));
+                if cancels {
+                    map.remove(key);
+                }
+                !cancels
+            });
+        }
+        self.merge(newer);
+    }
+
     /// How many writes the batch holds.
     fn len(&self) -> usize {
         self.trees.iter().map(BTreeMap::len).sum()
@@ -1189,7 +1207,7 @@ impl Store {
             trees: shared.trees.clone(),
         });
         let was_empty = st.logged.is_empty();
-        st.logged.merge(batch);
+        st.logged.merge_cancelling(batch);
         st.logged_batches += 1;
         // Wake the thread to drain, or to start timing the idle drain.
         if (was_empty || st.logged.len() > drainer.work.threshold) && st.draining.is_none() {
@@ -1857,6 +1875,55 @@ mod tests {
         let sled = store.tree(TreeId::Redrives);
         assert_eq!(sled.get(b"a").expect("get").as_deref(), Some(&b"1"[..]));
         assert_eq!(sled.get(b"b").expect("get").as_deref(), Some(&b"2"[..]));
+    }
+
+    /// In the index trees whose keys are created once, a logged delete of a key put by a
+    /// logged batch not yet drained removes both; elsewhere the delete stays (sled may hold
+    /// an older value of the key).
+    #[test]
+    fn a_logged_delete_cancels_a_created_once_put_not_yet_drained() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_idle(&dir.path().join("db"), Duration::from_secs(3600)).expect("open");
+        let commit = |ops: &[(TreeId, Option<&[u8]>)]| {
+            let mut ws = WriteSet::default();
+            for (t, v) in ops {
+                match v {
+                    Some(v) => ws.put(*t, &b"k"[..], v.to_vec()),
+                    None => ws.delete(*t, &b"k"[..]),
+                }
+            }
+            let ticket = store.commit(ws).expect("commit");
+            store.wait_durable(ticket).expect("durable");
+        };
+        let (index, other) = (TreeId::VisibleByKind, TreeId::Redrives);
+        commit(&[(index, Some(b"1")), (other, Some(b"1"))]);
+        commit(&[(index, None), (other, None)]);
+        {
+            let st = lock(&store.staged);
+            assert_eq!(st.logged.trees[index as usize].len(), 0, "cancelled");
+            assert_eq!(
+                st.logged.trees[other as usize].get(&b"k"[..]),
+                Some(&None),
+                "the delete stays"
+            );
+        }
+        assert_eq!(store.get(index, b"k").expect("get"), None);
+        assert_eq!(store.get(other, b"k").expect("get"), None);
+        store.wait_applied().expect("applied");
+        assert_eq!(store.tree(index).get(b"k").expect("get"), None);
+        assert_eq!(store.tree(other).get(b"k").expect("get"), None);
+        // A delete of a key already drained is kept and reaches sled.
+        commit(&[(index, Some(b"2"))]);
+        store.wait_applied().expect("applied");
+        assert!(store.tree(index).get(b"k").expect("get").is_some());
+        commit(&[(index, None)]);
+        assert_eq!(
+            store.get(index, b"k").expect("get"),
+            None,
+            "hidden by the delete"
+        );
+        store.wait_applied().expect("applied");
+        assert_eq!(store.tree(index).get(b"k").expect("get"), None);
     }
 
     /// Merging keeps the newer write of a key whichever side is larger (the smaller map is
