@@ -27,8 +27,8 @@
 //! The `Drainer` thread writes the logged writes into sled as plain writes once more than
 //! `BACKGROUND_WRITES` keys wait, all of them as one merged batch, one drain at a time. A
 //! message enqueued, reserved and acked within one drain is written to sled once, and its
-//! visible and lease index entries cost sled a lookup each (a delete of an absent key), not
-//! a write; a leader waits only if the drain falls far behind. sled's flush (its log
+//! visible and lease index entries not at all (`Overlay::merge_cancelling`); a leader waits
+//! only if the drain falls far behind. sled's flush (its log
 //! buffer, `pwrite`, `sync_file_range`, then the `fdatasync` the promise needs) costs about
 //! 2.5 times a bare `fdatasync` of the log here, and nothing of it is needed while the log
 //! holds the batch. Once the log holds its checkpoint size (`wal::CHECKPOINT_BYTES` by
