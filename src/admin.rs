@@ -249,11 +249,24 @@ impl Queue {
 
     /// Loads an export into an empty database, reproducing the state exactly; returns the
     /// number of lines read. Bad lines are rejected with their line number; records are
-    /// written in transactions of 1,000, so a failed import leaves a partial state (import
-    /// into a fresh directory and discard it on error).
+    /// written in transactions of 1,000, so a failed import leaves a partial state: import
+    /// into a fresh directory and discard it on error. A failed import into an empty
+    /// database also poisons this engine (every later call returns `Error::Poisoned`): the
+    /// partial state may hold sequence numbers the engine would hand out again.
     pub fn import(&self, input: &mut dyn BufRead) -> Result<u64> {
         let inner = self.inner();
         inner.check()?;
+        let result = self.import_into_empty(input);
+        if let Err(e) = &result {
+            if !matches!(e, Error::InvalidInput(InputError::ImportIntoNonEmpty)) {
+                inner.poison(format!("an import failed part way: {e}"));
+            }
+        }
+        result
+    }
+
+    fn import_into_empty(&self, input: &mut dyn BufRead) -> Result<u64> {
+        let inner = self.inner();
         let mut writer = inner.lock_writer();
         let store = &inner.store;
         let empty = store

@@ -228,6 +228,13 @@ impl Overlay {
     fn merge_cancelling(&mut self, mut newer: Overlay) {
         for t in TreeId::CREATED_ONCE {
             let map = &mut self.trees[t as usize];
+            debug_assert!(
+                newer.trees[t as usize]
+                    .iter()
+                    .all(|(key, value)| value.is_none() || !map.contains_key(key)),
+                "a key of {} was put twice",
+                t.name()
+            );
             newer.trees[t as usize].retain(|key, value| {
                 let cancels = value.is_none() && matches!(map.get(key), Some(Some(_)));
                 if cancels {

@@ -261,6 +261,25 @@ fn export_import_export_is_identical_and_metrics_persist() {
         }
         other => panic!("expected a bad line error, got {other:?}"),
     }
+    // The partial state of a failed import is not worked on: the engine is poisoned.
+    match fresh.enqueue(new(
+        Uuid::new_v4(),
+        1,
+        CleanupKind::CancellingTimeoutTeardown,
+    )) {
+        Err(cleanup_queue::Error::Poisoned(why)) => {
+            assert!(why.contains("an import failed part way"), "{why}")
+        }
+        other => panic!("expected a poisoned engine, got {other:?}"),
+    }
+    // A refused import into a non-empty database changed nothing: that engine works on.
+    assert!(copy
+        .enqueue(new(
+            Uuid::new_v4(),
+            2,
+            CleanupKind::CancellingTimeoutTeardown
+        ))
+        .is_ok());
     // A message listed twice is refused at its second line.
     let text = String::from_utf8(first).unwrap();
     let lines: Vec<&str> = text.lines().collect();
