@@ -166,22 +166,23 @@ _UUIDS: dict[str, UUID] = {}
 _UUIDS_MAX = 4096
 
 
+def _remember(text: str, value: UUID) -> UUID:
+    if len(_UUIDS) >= _UUIDS_MAX:
+        _UUIDS.clear()
+    _UUIDS[text] = value
+    return value
+
+
 def _uuid(text: str) -> UUID:
     value = _UUIDS.get(text)
-    if value is None:
-        if len(_UUIDS) >= _UUIDS_MAX:
-            _UUIDS.clear()
-        value = _UUIDS[text] = UUID(text)
-    return value
+    return _remember(text, UUID(text)) if value is None else value
 
 
 def _text(value: UUID) -> str:
     """``str(value)``, remembered for ``_uuid`` when ``value`` is a plain UUID."""
     text = str(value)
     if type(value) is UUID and text not in _UUIDS:
-        if len(_UUIDS) >= _UUIDS_MAX:
-            _UUIDS.clear()
-        _UUIDS[text] = value
+        _remember(text, value)
     return text
 
 
