@@ -188,6 +188,29 @@ pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalWrite>, String> 
     Ok(out)
 }
 
+/// One slot of the checkpoint mark (`crate::mark`): a tag, the checkpoint count, a CRC-32 of
+/// both.
+pub(crate) const MARK_SLOT: usize = 20;
+const MARK_TAG: &[u8; 8] = b"cqmark01";
+
+pub(crate) fn encode_mark(count: u64) -> [u8; MARK_SLOT] {
+    let mut out = [0u8; MARK_SLOT];
+    out[..8].copy_from_slice(MARK_TAG);
+    out[8..16].copy_from_slice(&count.to_be_bytes());
+    let crc = crc32fast::hash(&out[..16]);
+    out[16..].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// The count in a mark slot; `None` for anything else (zeros, a torn or damaged slot).
+pub(crate) fn decode_mark(slot: &[u8]) -> Option<u64> {
+    let slot = slot.get(..MARK_SLOT)?;
+    if &slot[..8] != MARK_TAG || crc32fast::hash(&slot[..16]).to_be_bytes() != slot[16..] {
+        return None;
+    }
+    Some(u64::from_be_bytes(slot[8..16].try_into().ok()?))
+}
+
 /// The bytes before a write-ahead log record's payload: its length, its CRC-32, its
 /// generation id.
 pub(crate) const WAL_HEADER: usize = 16;

@@ -15,7 +15,7 @@
 //! | `leases_by_pool`   | pool(16) lease_expires_at(8) seq(8)              | born(8)       | expiry, most overdue first: of one pool by one range; across pools by one range per pool that holds leases |
 //! | `tombstones`       | completed_at(8) pool(16) born(8)                 | empty         | pruning acked messages past retention, oldest first |
 //! | `wakeups`          | pool(16)                                         | u64           | per-pool wakeup sequence |
-//! | `meta`             | `b"format"` / `b"seq"` / `b"journal"` / `b"wal"` | u8 / u64 / batch / u64 | layout version (`LAYOUT`); the next `seq`; a batch being applied (`codec::encode_journal`); the write-ahead log's generation |
+//! | `meta`             | `b"format"` / `b"seq"` / `b"journal"` / `b"wal"` / `b"checkpoint"` | u8 / u64 / batch / u64 / u64 | layout version (`LAYOUT`); the next `seq`; a batch being applied (`codec::encode_journal`); the write-ahead log's generation; checkpoints completed (`crate::mark`) |
 //! | `metrics`          | family `\0` label `\0` label (`op`, `dlq`, `exp`)  | u64           | persisted counters |
 //! | `redrives`         | pool(16) id(16) seq(8)                           | audit JSON    | who redrove a dead letter, when and why |
 //!
@@ -127,6 +127,9 @@ pub(crate) const META_SEQ: &[u8] = b"seq";
 pub(crate) const META_JOURNAL: &[u8] = b"journal";
 /// The write-ahead log's current generation (`Store::recover_wal`).
 pub(crate) const META_WAL: &[u8] = b"wal";
+/// How many checkpoints completed (`Store::advance_generation`), matched against the
+/// checkpoint mark on open (`crate::mark`).
+pub(crate) const META_CHECKPOINT: &[u8] = b"checkpoint";
 
 /// The key layout in `meta/format`. Layout 5 keys records by `(pool, born)` and finds them
 /// by id through `message_ids`; layouts 1–4 keyed them by `(pool, id)` in the tree `messages`

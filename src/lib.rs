@@ -47,6 +47,7 @@ pub mod fuzzing;
 mod integrity;
 mod keys;
 mod machine;
+mod mark;
 mod metrics;
 mod migrate;
 mod model;

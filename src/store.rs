@@ -777,6 +777,10 @@ impl Store {
             background_writes: config.background_apply_writes,
             faults: Arc::default(),
         };
+        if let Some(dir) = &store.path {
+            // Before anything is written: a sled that lost checkpointed writes is refused.
+            crate::mark::check(dir, store.checkpoints()?)?;
+        }
         store.check_format()?;
         store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
         if store.wal.is_some() {
@@ -910,8 +914,10 @@ impl Store {
 
     /// Records a new generation id (random, never 0, never `current`) as the log's current
     /// one and makes sled durable: every record logged so far is in sled now, and none will
-    /// be applied again. Refused once a write failed (a failed batch may be half in sled,
-    /// and only its record, which this would retire, can complete it). Returns the id.
+    /// be applied again. Counts the checkpoint in sled, then, once sled is durable, in the
+    /// checkpoint mark (`crate::mark`). Refused once a write failed (a failed batch may be
+    /// half in sled, and only its record, which this would retire, can complete it). Returns
+    /// the id.
     fn advance_generation(&self, current: u64) -> Result<u64> {
         if let Some(e) = self.failure() {
             return Err(Error::Poisoned(format!("writing to disk failed: {e}")));
@@ -920,10 +926,25 @@ impl Store {
         while next == 0 || next == current {
             next = u64::from_be_bytes(crate::os_random()?);
         }
-        self.tree(TreeId::Meta)
-            .insert(keys::META_WAL, &next.to_be_bytes())?;
+        let count = self.checkpoints()?.saturating_add(1);
+        let meta = self.tree(TreeId::Meta);
+        meta.insert(keys::META_WAL, &next.to_be_bytes())?;
+        meta.insert(keys::META_CHECKPOINT, &codec::encode_u64(count))?;
         self.sync_sled()?;
+        if let Some(dir) = &self.path {
+            crate::mark::write(dir, count)?;
+        }
         Ok(next)
+    }
+
+    /// How many checkpoints sled holds (`crate::mark`); read from sled itself, which only
+    /// checkpoints write.
+    fn checkpoints(&self) -> Result<u64> {
+        match self.tree(TreeId::Meta).get(keys::META_CHECKPOINT)? {
+            None => Ok(0),
+            Some(v) => codec::decode_u64(&v)
+                .map_err(|d| Error::corrupted("meta", keys::META_CHECKPOINT, d)),
+        }
     }
 
     fn write_layout(&self) -> Result<()> {

@@ -2,14 +2,17 @@
 //!
 //! A small database holding messages in every state is written once and closed. Then, for
 //! at least [`CASES`] cases, the directory is copied and one file of the copy (mostly `db`,
-//! also `conf` and `snap.*`) is damaged at a pseudo-random offset: a bit flipped, a range
-//! zeroed or overwritten with garbage, or the file truncated. Each copy is opened, read in
-//! full, checked with `check_integrity()` and given one write round, in a worker thread
+//! also `conf`, `snap.*` and the checkpoint mark `checkpoint`) is damaged at a pseudo-random
+//! offset: a bit flipped, a range zeroed or overwritten with garbage, or the file truncated.
+//! Each copy is opened, read in full, checked with `check_integrity()` and given one write round, in a worker thread
 //! guarded by a timeout. Every case must end in one of two ways:
 //!
 //! * it works, and then `check_integrity()` tells the truth: when it reports no violation,
-//!   every read succeeded and every message it holds is one the history really produced
-//!   (a state the message was in at some point, never an invented one);
+//!   every read succeeded and every message it holds is in its final state (sled may keep
+//!   only a prefix of a damaged log, but the write-ahead log holds what came after the last
+//!   checkpoint, and a prefix that ends before a checkpoint is refused by the checkpoint
+//!   mark: `src/mark.rs`); each message must at least be in a state the history really
+//!   produced (never an invented one);
 //! * or it fails with a typed [`Error`] whose message names the problem.
 //!
 //! Never a panic, never a hang. `CLEANUP_QUEUE_CORRUPTION_CASES=N` runs `N` cases (soak);
@@ -293,6 +296,7 @@ fn files(dir: &Path) -> Vec<(PathBuf, u64)> {
         let weight = match name.as_str() {
             "db" => 8,
             "conf" => 1,
+            "checkpoint" => 1,
             n if n.starts_with("snap.") => 1,
             _ => 0,
         };
@@ -581,6 +585,7 @@ fn corruption_sweep_never_panics_never_hangs_and_tells_the_truth() {
     let mut lossy = 0;
     let mut detected = 0;
     let mut refused = 0;
+    let mut by_mark = 0;
     let mut failures = Vec::new();
     let mut samples: HashMap<&'static str, String> = HashMap::new();
     for case in 0..cases {
@@ -605,7 +610,12 @@ fn corruption_sweep_never_panics_never_hangs_and_tells_the_truth() {
             }
             Ok(Outcome::Refused(e)) => {
                 refused += 1;
-                samples.entry("refused").or_insert(format!("{what}: {e}"));
+                if e.contains("(checkpoint mark)") {
+                    by_mark += 1;
+                    samples.entry("mark").or_insert(format!("{what}: {e}"));
+                } else {
+                    samples.entry("refused").or_insert(format!("{what}: {e}"));
+                }
             }
             Err(f) => {
                 let hang = f.starts_with("HANG");
@@ -620,7 +630,8 @@ fn corruption_sweep_never_panics_never_hangs_and_tells_the_truth() {
     }
     println!(
         "corruption sweep: {cases} cases over files [{}] in {:?}: {healthy} healthy, \
-         {detected} detected, {refused} refused, of the healthy {lossy} recovered an older state, {} failed",
+         {detected} detected, {refused} refused ({by_mark} by the checkpoint mark), of the \
+         healthy {lossy} recovered an older state, {} failed",
         sizes.join(", "),
         started.elapsed(),
         failures.len()
@@ -633,6 +644,16 @@ fn corruption_sweep_never_panics_never_hangs_and_tells_the_truth() {
         "{} of {cases} corruption cases failed (replay with CLEANUP_QUEUE_CORRUPTION_SEED):\n{}",
         failures.len(),
         failures.join("\n")
+    );
+    // Whatever the original holds is in its write-ahead log or was retired from the log by a
+    // checkpoint that the checkpoint mark counts: a copy whose sled kept only an earlier
+    // prefix of its log gets the rest from the write-ahead log or is refused by the mark, and
+    // is never opened as that earlier state.
+    assert_eq!(
+        lossy,
+        0,
+        "damaged copies opened with acknowledged operations missing: {:?}",
+        samples.get("lossy")
     );
 }
 
@@ -698,4 +719,103 @@ fn a_damaged_record_body_is_a_typed_error_or_a_clean_recovery() {
         }
     }
     println!("damaged record bodies: {outcomes:#?}");
+}
+
+/// Copies the files of the database at `from` that sled owns (all but the write-ahead log
+/// and the checkpoint mark) into `to`, replacing those already there.
+fn copy_sled_files(from: &Path, to: &Path) {
+    for entry in fs::read_dir(to).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        if name == "wal" || name == "checkpoint" {
+            continue;
+        }
+        if entry.file_type().expect("file type").is_dir() {
+            fs::remove_dir_all(entry.path()).expect("remove dir");
+        } else {
+            fs::remove_file(entry.path()).expect("remove file");
+        }
+    }
+    for entry in fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        if name == "wal" || name == "checkpoint" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// sled's files from before the last checkpoint, beside that checkpoint's mark and log,
+/// are what a sled log damaged before the checkpoint recovers to. Such a database is
+/// refused with a typed error instead of opening as the earlier state; once the mark is
+/// deleted (the remedy the error names), it opens as that earlier state, consistently.
+#[test]
+fn sled_behind_the_last_checkpoint_is_refused_not_opened_as_an_earlier_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let old = dir.path().join("old-sled");
+    let clock = ManualClock::new(START);
+    let pool = Uuid::from_u128(0xa1);
+    let message = |id: u128| {
+        NewMessage::new(
+            pool,
+            Uuid::from_u128(id),
+            format!("key-{id}"),
+            CleanupKind::PendingClaimTeardown,
+            json!({ "n": id }),
+        )
+    };
+    {
+        let q = builder(&path, &clock).open().expect("open");
+        q.enqueue(message(1)).expect("enqueue");
+    }
+    // Opening checkpoints: the first message is in sled, synced, behind a checkpoint.
+    drop(builder(&path, &clock).open().expect("reopen"));
+    copy_dir(&path, &old);
+    {
+        let q = builder(&path, &clock).open().expect("reopen");
+        q.enqueue(message(2)).expect("enqueue");
+    }
+    drop(builder(&path, &clock).open().expect("reopen"));
+    copy_sled_files(&old, &path);
+
+    for attempt in 0..2 {
+        match builder(&path, &clock).open() {
+            Err(Error::Corrupted { tree, detail, .. }) => {
+                assert_eq!(tree, "(checkpoint mark)");
+                assert!(detail.contains("delete the file `checkpoint`"), "{detail}");
+            }
+            Err(other) => panic!("attempt {attempt}: wrong error: {other:?}"),
+            Ok(_) => panic!("attempt {attempt}: opened a sled that lost a checkpoint"),
+        }
+    }
+    // The refusal wrote nothing: the mark is still ahead of sled.
+    assert!(path.join("checkpoint").exists());
+
+    fs::remove_file(path.join("checkpoint")).expect("remove the mark");
+    let q = builder(&path, &clock)
+        .open()
+        .expect("open the earlier state");
+    assert!(q
+        .read_message(pool, Uuid::from_u128(1))
+        .expect("read")
+        .is_some());
+    assert!(q
+        .read_message(pool, Uuid::from_u128(2))
+        .expect("read")
+        .is_none());
+    assert_eq!(
+        q.check_integrity().expect("integrity"),
+        Vec::<String>::new()
+    );
+    drop(q);
+    // Opening wrote a new mark, and the database opens from now on.
+    assert!(path.join("checkpoint").exists());
+    drop(builder(&path, &clock).open().expect("open again"));
 }
