@@ -29,9 +29,7 @@ use cleanup_queue::{CleanupKind, Durability, ManualClock, Queue, ReserveFilter};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use uuid::Uuid;
 
-use common::{
-    build_backlog, db_path, full_mode, human_bytes, message, open, scaled, CpuAccount, BUFFERED,
-};
+use common::{build_backlog, db_path, human_bytes, message, open, scaled, CpuAccount, BUFFERED};
 
 const A: CleanupKind = CleanupKind::CancellingTimeoutTeardown;
 const B: CleanupKind = CleanupKind::PendingClaimTeardown;
@@ -68,19 +66,9 @@ fn reserve_ack(
     })
 }
 
-fn backlog_sizes() -> Vec<usize> {
-    let mut sizes = vec![0, 1_000, 10_000, 100_000];
-    if full_mode() {
-        sizes.push(1_000_000);
-    }
-    let mut out: Vec<usize> = sizes.into_iter().map(scaled).collect();
-    out.dedup();
-    out
-}
-
 fn reserve_ack_backlog(c: &mut Criterion) {
     let mut g = c.benchmark_group("reserve_ack_backlog");
-    for n in backlog_sizes() {
+    for n in common::backlog_sizes() {
         let ids: Vec<String> = MEASURED
             .iter()
             .map(|(name, _)| format!("reserve_ack_backlog/{name}/{n}"))

@@ -28,6 +28,11 @@
 //! - `limits/sled_1000_leases_flush_fdatasync/{txn,batch}`: the ~3,000 writes of
 //!   `expire_leases(1000)` as one 3-tree transaction or as per-tree batches, then `flush()` +
 //!   `fdatasync`: the ceiling for the expiry goal (≤ 5 ms).
+//! - `limits/sled_fifo_backlog/{0,1000,10000,100000[,1000000]}`: sled alone, reserving and
+//!   acking the head of a FIFO of that many messages (find the first index entry, remove it,
+//!   read the record, write it twice; a message is added untimed before each): how sled's
+//!   own cost grows with the backlog, the floor under the backlog goal (reserve+ack at 1M
+//!   ≤ 1.25× backlog 0). The 1M case runs only with `CLEANUP_QUEUE_BENCH_FULL=1`.
 //! - `limits/fdatasync_4k`: `pwrite` of 4 KiB into a preallocated file + `fdatasync`: what
 //!   the disk gives one synchronous writer.
 //! - `limits/condvar_wakeup`: a thread blocked on a `Condvar`; from `notify_one` to the
@@ -107,6 +112,44 @@ impl RawSled {
             Ok(())
         });
         r.expect("sled transaction");
+    }
+
+    /// Adds a message at the tail of the FIFO: its record and its index entry (the index
+    /// key ends in the message's number, so the index is in enqueue order).
+    fn push(&mut self) {
+        let (_, key, index) = self.next_keys();
+        self.trees[0]
+            .insert(&key[..], self.record.as_slice())
+            .expect("insert");
+        self.trees[1]
+            .insert(&index[..], &key[16..])
+            .expect("insert");
+    }
+
+    /// The sled work of reserving and acking the head of the FIFO: find the first index
+    /// entry, remove it, read its record, write the record twice (reserved, then acked).
+    fn pop(&mut self) {
+        let [records, index, _] = &self.trees;
+        let (entry, suffix) = index
+            .scan_prefix(&self.record_prefix()[..])
+            .next()
+            .expect("a message")
+            .expect("scan");
+        index.remove(&entry).expect("remove");
+        let mut key = self.record_prefix().to_vec();
+        key.extend_from_slice(&suffix);
+        let mut record = records.get(&key).expect("get").expect("record").to_vec();
+        for state in [1u8, 2] {
+            record[0] = state;
+            records.insert(&key[..], record.as_slice()).expect("insert");
+        }
+    }
+
+    /// The first 16 bytes of every record key (and of every index key): the pool.
+    fn record_prefix(&self) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+        p
     }
 
     /// The writes of [`RawSled::txn`] as three plain (individually atomic) inserts.
@@ -419,6 +462,35 @@ fn sled_bulk(c: &mut Criterion) {
     g.finish();
 }
 
+/// The bare sled work of a reserve + ack at the head of a FIFO that holds `n` messages
+/// (`RawSled::pop`; one message is added untimed before each, so `n` stays constant). The
+/// backlog is built by single inserts, as the engine's enqueues build it.
+fn sled_fifo_backlog(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limits");
+    for n in common::backlog_sizes() {
+        if !common::wants(&[format!("limits/sled_fifo_backlog/{n}")]) {
+            continue;
+        }
+        let mut raw = RawSled::open();
+        for _ in 0..n {
+            raw.push();
+        }
+        g.bench_with_input(BenchmarkId::new("sled_fifo_backlog", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    raw.push();
+                    let t0 = Instant::now();
+                    raw.pop();
+                    total += t0.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
 fn fdatasync_4k(c: &mut Criterion) {
     let dir = common::tempdir();
     const SLOTS: u64 = 256;
@@ -528,6 +600,6 @@ fn load(_: &mut Criterion) {
 criterion_group! {
     name = limits;
     config = common::config();
-    targets = load, sled_txn, sled_txn_width, sled_writes, sled_batch, wal_batch, sled_bulk, fdatasync_4k, condvar_wakeup, load
+    targets = load, sled_txn, sled_txn_width, sled_writes, sled_batch, wal_batch, sled_bulk, sled_fifo_backlog, fdatasync_4k, condvar_wakeup, load
 }
 criterion_main!(limits);

@@ -85,6 +85,18 @@ pub fn scaled(n: usize) -> usize {
     }
 }
 
+/// The backlog sizes of `reserve_ack_backlog` and `limits/sled_fifo_backlog`: 0, 1k, 10k,
+/// 100k, and 1M with `CLEANUP_QUEUE_BENCH_FULL=1` (capped by `scaled`).
+pub fn backlog_sizes() -> Vec<usize> {
+    let mut sizes = vec![0, 1_000, 10_000, 100_000];
+    if full_mode() {
+        sizes.push(1_000_000);
+    }
+    let mut out: Vec<usize> = sizes.into_iter().map(scaled).collect();
+    out.dedup();
+    out
+}
+
 /// The three durability modes, with the names used in benchmark ids.
 pub const MODES: [(&str, Durability); 3] = [
     ("fsync", Durability::Fsync),
