@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::codec;
+use crate::compact::Compacted;
 use crate::error::{Error, InputError, Result};
 use crate::keys::{self, TreeId};
 use crate::machine::{self, Record, State};
@@ -48,7 +49,7 @@ const RESERVE_EXPIRY_LIMIT: usize = 100;
 const GATHER_MAX: Duration = Duration::from_micros(500);
 
 /// Opens a [`Queue`]. Every setting has a production default.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct QueueBuilder {
     location: Option<PathBuf>,
     policy: Policy,
@@ -168,6 +169,27 @@ impl QueueBuilder {
     pub fn background_apply_writes(mut self, writes: usize) -> QueueBuilder {
         self.background_apply_writes = writes;
         self
+    }
+
+    /// Compacts the existing database at this builder's path, offline: rewrites its state
+    /// into a fresh database in the sibling directory `<name>.compacting` (an export piped
+    /// into an import, which reproduces the state exactly), swaps the two directories
+    /// atomically (`renameat2(RENAME_EXCHANGE)` on Linux; macOS's equivalent) and removes
+    /// the old one. sled never
+    /// returns the space and memory of deleted data, so a database migrated in place or
+    /// churned through many messages shrinks on disk and in memory. The database must not
+    /// be open elsewhere (`Error::InUse`); it stays locked until the swap, and a crash
+    /// leaves either the old or the compacted database in place (see `src/compact.rs`).
+    pub fn compact(self) -> Result<Compacted> {
+        let Some(path) = self.location.clone() else {
+            return Err(Error::Config(
+                "a temporary database cannot be compacted".into(),
+            ));
+        };
+        crate::compact::run(&path, |p| QueueBuilder {
+            location: Some(p.to_path_buf()),
+            ..self.clone()
+        })
     }
 
     /// Validates the settings and opens the database.

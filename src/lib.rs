@@ -39,6 +39,7 @@
 mod admin;
 mod clock;
 mod codec;
+mod compact;
 mod engine;
 mod error;
 mod fault;
@@ -59,6 +60,7 @@ mod wal;
 
 pub use admin::RedriveTarget;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use compact::Compacted;
 pub use engine::{Enqueued, Pending, Queue, QueueBuilder, Reserved, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use error::{Error, InputError, Result};
 pub use metrics::{Counter, Metrics};

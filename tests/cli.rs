@@ -672,6 +672,33 @@ fn export_import_export_is_identical() {
 }
 
 #[test]
+fn compact_keeps_the_export_and_refuses_a_missing_database() {
+    let f = fixture();
+    let before = with_db(&f.path, &["export"]);
+    assert_eq!(code(&before), 0, "{}", stderr(&before));
+    let v = json_out(&with_db(&f.path, &["compact", "--json"]));
+    assert_eq!(
+        v["lines"].as_u64(),
+        Some(before.stdout.iter().filter(|b| **b == b'\n').count() as u64)
+    );
+    assert!(v["bytes_after"].as_u64().is_some_and(|n| n > 0));
+    let after = with_db(&f.path, &["export"]);
+    assert!(
+        after.stdout == before.stdout,
+        "compaction changed the export"
+    );
+    let o = with_db(&f.path, &["compact"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("compacted "), "{}", stdout(&o));
+    assert_eq!(code(&with_db(&f.path, &["verify"])), 0);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing");
+    assert_error(&with_db(&missing, &["compact"]), "does not exist");
+    assert!(!missing.exists());
+}
+
+#[test]
 fn import_errors_leave_no_database_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let target = dir.path().join("new-db");

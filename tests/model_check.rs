@@ -46,7 +46,7 @@ fn sequence(seed: u64) -> Vec<u8> {
 /// others drop them and run on a temporary database, which is much cheaper.
 fn run_seed(seed: u64) -> Result<(), String> {
     let bytes = sequence(seed);
-    if seed % 4 == 0 {
+    if seed.is_multiple_of(4) {
         return run_bytes(&bytes);
     }
     let steps: Vec<Step> = model::decode(&bytes)

@@ -63,7 +63,7 @@ pub fn key(i: u8) -> String {
 }
 
 pub fn kind(i: u8) -> CleanupKind {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         CleanupKind::CancellingTimeoutTeardown
     } else {
         CleanupKind::PendingClaimTeardown

@@ -557,6 +557,26 @@ pub fn prune(queue: &Queue, retention: Duration, as_json: bool) -> CliResult {
     ))
 }
 
+pub fn compact(db: &Path, as_json: bool) -> CliResult {
+    let done = Queue::builder(db).sweep_interval(None).compact()?;
+    if as_json {
+        return emit_json(&json!({
+            "lines": done.lines,
+            "bytes_before": done.bytes_before,
+            "bytes_after": done.bytes_after,
+            "seconds": done.elapsed.as_secs_f64(),
+        }));
+    }
+    emit(&format!(
+        "compacted {}: {} -> {} ({} export lines carried over) in {}\n",
+        db.display(),
+        human_bytes(done.bytes_before),
+        human_bytes(done.bytes_after),
+        done.lines,
+        human_duration(done.elapsed)
+    ))
+}
+
 fn bytes_bar(len: Option<u64>, verb: &str) -> ProgressBar {
     if !progress_allowed() {
         return ProgressBar::hidden();

@@ -52,6 +52,9 @@ enum Command {
     Export(ExportArgs),
     /// Load an export into a new, empty database.
     Import(ImportArgs),
+    /// Rewrite the database into a fresh directory and swap it in, giving back the space and
+    /// memory sled keeps for deleted data (offline: stop the server first).
+    Compact(JsonArg),
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +311,11 @@ fn run(cli: Cli) -> CliResult {
         }
         Command::Export(a) => commands::export(&open_existing(&need_db("export")?)?, a.output),
         Command::Import(a) => commands::import(&need_db("import")?, &a.input),
+        Command::Compact(a) => {
+            let path = need_db("compact")?;
+            check_existing(&path)?;
+            commands::compact(&path, a.json)
+        }
     }
 }
 
@@ -331,6 +339,12 @@ fn one_line(e: &clap::Error) -> String {
 /// Opens an existing database for inspection or repair: never creates one, never runs the
 /// sweeper (so looking at a database does not change it).
 pub fn open_existing(path: &Path) -> CliResult<Queue> {
+    check_existing(path)?;
+    Ok(Queue::builder(path).sweep_interval(None).open()?)
+}
+
+/// Refuses a path that holds no database (opening it would create one).
+fn check_existing(path: &Path) -> CliResult {
     if !path.exists() {
         return Err(Fail::error(format!(
             "no database at {}: the path does not exist",
@@ -343,7 +357,7 @@ pub fn open_existing(path: &Path) -> CliResult<Queue> {
             path.display()
         )));
     }
-    Ok(Queue::builder(path).sweep_interval(None).open()?)
+    Ok(())
 }
 
 /// `$USER@hostname`, or `cli`.
