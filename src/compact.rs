@@ -3,7 +3,8 @@
 //! sled never gives back the space and the page-table entries of what was deleted: a
 //! database that was migrated in place, or that churned through many messages, stays larger
 //! on disk and in memory than one holding the same state written afresh. Compaction exports
-//! the database ([`Queue::export`]) straight into an import ([`Queue::import`]) of a new
+//! the database ([`Queue::export`]) straight into an import ([`Queue::import`], through an
+//! in-process pipe) of a new
 //! database in the sibling directory `<name>.compacting`, which reproduces the state exactly,
 //! then exchanges the two directories in one atomic `renameat2(RENAME_EXCHANGE)` and removes
 //! the old one.
@@ -13,7 +14,7 @@
 //! database in place. Either way the sibling directory may remain (a partial copy, or the
 //! old database): the next compaction removes it first.
 
-use std::io::{BufReader, BufWriter};
+use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -105,31 +106,117 @@ pub(crate) fn run(path: &Path, builder: impl Fn(&Path) -> QueueBuilder) -> Resul
     })
 }
 
-/// Streams an export of `source` into an import of `target` through a pipe; returns the
-/// number of lines.
+/// Streams an export of `source` into an import of `target`; returns the number of lines.
 fn copy(source: &Queue, target: &Queue) -> Result<u64> {
-    let (reader, writer) = std::io::pipe()?;
+    let (tx, rx) = crossbeam_channel::bounded(4);
     std::thread::scope(|s| {
         let exporter = s.spawn(move || {
-            let mut w = BufWriter::with_capacity(1 << 16, writer);
-            // The writer (and the pipe's write end) is dropped when this returns, which
-            // ends the import's input.
+            let mut w = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            };
+            // Dropping the writer when this returns ends the import's input.
             source.export(&mut w)
         });
-        let imported = target.import(&mut BufReader::with_capacity(1 << 16, reader));
+        let imported = {
+            let mut r = ChunkReader {
+                rx,
+                chunk: Vec::new(),
+                at: 0,
+            };
+            // Dropped here, so that an export still writing fails instead of waiting.
+            target.import(&mut r)
+        };
         let exported = exporter
             .join()
             .map_err(|_| Error::Storage("the export thread panicked".into()))?;
-        // An export error explains an import that stopped early; report it first.
-        let exported = exported?;
-        let imported = imported?;
-        if exported != imported {
-            return Err(Error::Storage(format!(
+        match (exported, imported) {
+            // The export failed on its own: that explains whatever the import saw.
+            (Err(e), _) if !matches!(&e, Error::Io(io) if io.kind() == ErrorKind::BrokenPipe) => {
+                Err(e)
+            }
+            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+            (Ok(exported), Ok(imported)) if exported != imported => Err(Error::Storage(format!(
                 "the export wrote {exported} lines but the import read {imported}"
-            )));
+            ))),
+            (Ok(_), Ok(imported)) => Ok(imported),
         }
-        Ok(imported)
     })
+}
+
+/// Bytes per chunk handed from the export to the import.
+const CHUNK: usize = 1 << 16;
+
+/// The export's end of an in-process pipe (an OS pipe would raise `SIGPIPE` in a host
+/// process that does not ignore it, should the import stop early).
+struct ChunkWriter {
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .send(chunk)
+            .map_err(|_| io::Error::new(ErrorKind::BrokenPipe, "the import stopped reading"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(bytes.len())
+    }
+
+    /// Sends what is buffered (the export flushes once, at its end; a failed export never
+    /// sends its last, partial chunk).
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// The import's end: chunks until the writer is dropped.
+struct ChunkReader {
+    rx: crossbeam_channel::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.at == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                // The writer is gone: the end of the input.
+                Err(_) => return Ok(&[]),
+            }
+        }
+        Ok(&self.chunk[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.chunk.len());
+    }
 }
 
 fn remove_dir_if_present(dir: &Path) -> Result<()> {
@@ -161,4 +248,61 @@ fn exchange(_: &Path, _: &Path) -> Result<()> {
     Err(Error::Storage(
         "compaction needs an atomic directory exchange, which this platform lacks".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe(capacity: usize) -> (ChunkWriter, ChunkReader) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let w = ChunkWriter {
+            tx,
+            buf: Vec::new(),
+        };
+        let r = ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            at: 0,
+        };
+        (w, r)
+    }
+
+    #[test]
+    fn the_pipe_carries_every_byte_and_ends_when_the_writer_goes() {
+        let (mut w, mut r) = pipe(2);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            for piece in sent.chunks(999) {
+                w.write_all(piece).expect("write");
+            }
+            w.flush().expect("flush");
+        });
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).expect("read");
+        writer.join().expect("writer");
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn a_writer_whose_reader_is_gone_fails_instead_of_waiting() {
+        let (mut w, r) = pipe(1);
+        drop(r);
+        let e = w.write_all(&vec![7u8; 3 * CHUNK]).expect_err("no reader");
+        assert_eq!(e.kind(), ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn an_unflushed_tail_is_never_sent() {
+        let (mut w, mut r) = pipe(4);
+        // A write that fills a chunk sends it; the next one stays buffered.
+        w.write_all(&vec![1u8; CHUNK + 10]).expect("write");
+        w.write_all(&[2u8; 5]).expect("write");
+        // Dropped without a flush, as a failed export drops it.
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).expect("read");
+        assert_eq!(got, vec![1u8; CHUNK + 10], "only what was sent");
+    }
 }
