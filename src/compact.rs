@@ -9,10 +9,11 @@
 //! then exchanges the two directories in one atomic `renameat2(RENAME_EXCHANGE)` and removes
 //! the old one.
 //!
-//! The source stays open, and so locked against other openers, until the exchange. A crash
-//! before the exchange leaves the database as it was; a crash after it leaves the compacted
-//! database in place. Either way the sibling directory may remain (a partial copy, or the
-//! old database): the next compaction removes it first.
+//! The source stays open, and so locked against other openers, until the exchange; the file
+//! `<name>.compacting.lock` beside it keeps a second compaction out for the whole run. A
+//! crash before the exchange leaves the database as it was; a crash after it leaves the
+//! compacted database in place. Either way the sibling directory may remain (a partial copy,
+//! or the old database): the next compaction removes it first, whatever it holds.
 
 use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
@@ -55,11 +56,21 @@ pub(crate) fn run(path: &Path, builder: impl Fn(&Path) -> QueueBuilder) -> Resul
     }
     // The real directory: exchanging a symbolic link would leave the old database behind.
     let path = std::fs::canonicalize(path)?;
-    let staging = staging_dir(&path)
-        .ok_or_else(|| Error::Config(format!("{} has no directory name", path.display())))?;
+    let no_name = || Error::Config(format!("{} has no parent directory", path.display()));
+    let parent = path.parent().ok_or_else(no_name)?;
+    let staging = staging_dir(&path).ok_or_else(no_name)?;
+    if device(&path)? != device(parent)? {
+        return Err(Error::Config(format!(
+            "{} is a mount point: the compacted copy is built beside it, on another file \
+             system, and cannot be swapped in",
+            path.display()
+        )));
+    }
+    // One compaction of a database at a time: after the exchange the compacted database is
+    // open to anyone while the old one still waits in `staging` to be removed, and a second
+    // compaction must not take `staging` for left over then.
+    let _lock = lock(&path)?;
     let source = builder(&path).sweep_interval(None).open()?;
-    // Holding the source's lock: no other compaction of it is in progress, so whatever is
-    // there is left over.
     remove_dir_if_present(&staging)?;
     let bytes_before = source.size_on_disk()?;
     // `Fsync` whatever the caller's mode: the copy must be on disk before it is swapped in.
@@ -70,40 +81,82 @@ pub(crate) fn run(path: &Path, builder: impl Fn(&Path) -> QueueBuilder) -> Resul
     let mut exchanged = false;
     let outcome = (|| {
         let lines = copy(&source, &target)?;
-        let bytes_after = target.size_on_disk()?;
         target.wait_applied()?;
         drop(target);
         // One open and close before the swap: sled's first open of a freshly written
         // database replays its whole log and keeps much more memory (1M messages: 230
-        // against 170 MiB), so the server's first open should not be that one.
-        drop(builder(&staging).sweep_interval(None).open()?);
+        // against 155 MiB), so the server's first open should not be that one.
+        let reopened = builder(&staging).sweep_interval(None).open()?;
+        let bytes_after = reopened.size_on_disk()?;
+        drop(reopened);
         sync_dir(&staging)?;
         exchange(&path, &staging)?;
         exchanged = true;
-        if let Some(parent) = path.parent() {
-            sync_dir(parent)?;
-        }
+        sync_dir(parent)?;
         Ok((lines, bytes_after))
     })();
     drop(source);
     // Before the exchange `staging` holds a partial copy, after it the old database.
-    let removed = remove_dir_if_present(&staging);
-    let (lines, bytes_after) = match outcome {
-        Ok(done) => done,
-        Err(e) if exchanged => {
-            return Err(Error::Storage(format!(
-                "the compacted database is in place, but making the swap durable failed: {e}"
-            )))
+    match outcome {
+        Ok((lines, bytes_after)) => {
+            remove_dir_if_present(&staging).map_err(|e| {
+                Error::Storage(format!(
+                    "the compacted database is in place, but removing the old one at {} \
+                     failed: {e}",
+                    staging.display()
+                ))
+            })?;
+            Ok(Compacted {
+                lines,
+                bytes_before,
+                bytes_after,
+                elapsed: started.elapsed(),
+            })
         }
-        Err(e) => return Err(e),
-    };
-    removed?;
-    Ok(Compacted {
-        lines,
-        bytes_before,
-        bytes_after,
-        elapsed: started.elapsed(),
-    })
+        // Kept: the swap may not be durable yet.
+        Err(e) if exchanged => Err(Error::Storage(format!(
+            "the compacted database is in place, but making the swap durable failed ({e}); \
+             the old database is kept at {}",
+            staging.display()
+        ))),
+        Err(e) => {
+            let _ = remove_dir_if_present(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn device(p: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(p)?.dev())
+}
+
+/// Takes the compaction lock of the database at `path`: the file `<name>.compacting.lock`
+/// beside it (left in place: removing a lock file races with its next taker).
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn lock(path: &Path) -> Result<std::fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".compacting.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.with_file_name(name))?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(Error::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(Error::Io(e.into())),
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn lock(_: &Path) -> Result<std::fs::File> {
+    Err(Error::Storage(
+        "compaction needs an atomic directory exchange, which this platform lacks".into(),
+    ))
 }
 
 /// Streams an export of `source` into an import of `target`; returns the number of lines.
@@ -291,6 +344,19 @@ mod tests {
         drop(r);
         let e = w.write_all(&vec![7u8; 3 * CHUNK]).expect_err("no reader");
         assert_eq!(e.kind(), ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn one_compaction_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let held = lock(&path).expect("lock");
+        match lock(&path) {
+            Err(Error::InUse { path: p }) => assert_eq!(p, path),
+            other => panic!("a second lock: {other:?}"),
+        }
+        drop(held);
+        lock(&path).expect("free again");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Reads each tree once (the records twice when an entry is missing); never panics; reports
 //! violations as sentences.
 //!
-//! The entries the records imply are held as 128-bit fingerprints (two hashes keyed at
-//! random per check), 16 bytes each instead of the entry itself: checking 1M messages holds
+//! The entries the records imply are held as 128-bit fingerprints (two SipHash values under
+//! two random keys per check), 16 bytes each instead of the entry itself: checking 1M messages holds
 //! about 3M of them, tens of MiB instead of the ~600 MiB the entries took. Two different
 //! entries share a fingerprint with a probability near 2^-128 per pair.
 
@@ -165,7 +165,7 @@ pub(crate) fn check(store: &Store) -> Result<Vec<String>> {
     Ok(bad)
 }
 
-/// 128-bit fingerprints of index entries, from two independently keyed hashes.
+/// 128-bit fingerprints of index entries, from two differently keyed hashes.
 struct Fingerprint(RandomState, RandomState);
 
 impl Fingerprint {

@@ -8,7 +8,8 @@
 //! (`meta/checkpoint`, written and synced with its new generation) and only then in this file.
 //! On open (`Store::open`), sled's count below the file's means sled lost writes that a
 //! checkpoint had made durable: the database is refused instead of opening an earlier state
-//! silently. sled's count may be one above the file's (a crash between the two writes).
+//! silently. sled's count may be above the file's: by one after a crash between the two
+//! writes, by more after an older engine, which does not write the mark, checkpointed.
 //!
 //! The file holds two slots, 4 KiB apart so that no sector holds both; count `n` goes into
 //! slot `n % 2`, so a write torn by a crash leaves the other slot, one checkpoint older, intact.
@@ -86,11 +87,13 @@ pub(crate) fn write(dir: &Path, count: u64) -> io::Result<()> {
 pub(crate) fn check(dir: &Path, in_sled: u64) -> Result<()> {
     match read(dir)? {
         Some(marked) if in_sled < marked => Err(damaged(format!(
-            "{marked} checkpoints were completed but sled's log holds only {in_sled}: sled \
+            "{marked} checkpoints of the database at {} were completed but sled's log holds \
+             only {in_sled}: sled \
              lost writes that a checkpoint had made durable (its log is damaged and it \
              stopped reading early, or its files were restored from an older copy). Restore \
              the whole directory from a backup, or delete the file `{FILE_NAME}` to open \
-             the earlier state that sled kept"
+             the earlier state that sled kept",
+            dir.display()
         ))),
         _ => Ok(()),
     }

@@ -193,6 +193,14 @@ fn a_left_over_staging_directory_is_removed_first() {
         export(&builder(&path, &clock).open().expect("open")),
         before
     );
+    // What a crash right after the exchange leaves: a whole database there (the old one).
+    copy_dir(&path, &staging(&path));
+    builder(&path, &clock).compact().expect("compact");
+    assert!(!staging(&path).exists());
+    assert_eq!(
+        export(&builder(&path, &clock).open().expect("open")),
+        before
+    );
 }
 
 #[test]
