@@ -3,11 +3,10 @@
 //! sled never gives back the space and the page-table entries of what was deleted: a
 //! database that was migrated in place, or that churned through many messages, stays larger
 //! on disk and in memory than one holding the same state written afresh. Compaction exports
-//! the database ([`Queue::export`]) straight into an import ([`Queue::import`], through an
-//! in-process pipe) of a new
-//! database in the sibling directory `<name>.compacting`, which reproduces the state exactly,
-//! then exchanges the two directories in one atomic `renameat2(RENAME_EXCHANGE)` and removes
-//! the old one.
+//! the database ([`Queue::export`]) through an in-process pipe straight into an import
+//! ([`Queue::import`]) of a new database in the sibling directory `<name>.compacting`, which
+//! reproduces the state exactly, then exchanges the two directories in one atomic
+//! `renameat2(RENAME_EXCHANGE)` and removes the old one.
 //!
 //! The source stays open, and so locked against other openers, until the exchange; the file
 //! `<name>.compacting.lock` beside it keeps a second compaction out for the whole run. A
@@ -38,7 +37,7 @@ pub struct Compacted {
 }
 
 /// The sibling directory a compaction of `path` builds in.
-pub fn staging_dir(path: &Path) -> Option<PathBuf> {
+pub(crate) fn staging_dir(path: &Path) -> Option<PathBuf> {
     let mut name = path.file_name()?.to_os_string();
     name.push(".compacting");
     Some(path.with_file_name(name))
