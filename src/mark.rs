@@ -87,12 +87,11 @@ pub(crate) fn write(dir: &Path, count: u64) -> io::Result<()> {
 pub(crate) fn check(dir: &Path, in_sled: u64) -> Result<()> {
     match read(dir)? {
         Some(marked) if in_sled < marked => Err(damaged(format!(
-            "{marked} checkpoints of the database at {} were completed but sled's log holds \
-             only {in_sled}: sled \
-             lost writes that a checkpoint had made durable (its log is damaged and it \
-             stopped reading early, or its files were restored from an older copy). Restore \
-             the whole directory from a backup, or delete the file `{FILE_NAME}` to open \
-             the earlier state that sled kept",
+            "checkpoint {marked} of the database at {} was completed but sled's log reaches \
+             only checkpoint {in_sled}: sled lost writes that a checkpoint had made durable \
+             (its log is damaged and it stopped reading early, or its files were restored \
+             from an older copy). Restore the whole directory from a backup, or delete the \
+             file `{FILE_NAME}` to open the earlier state that sled kept",
             dir.display()
         ))),
         _ => Ok(()),
@@ -151,7 +150,7 @@ mod tests {
         check(dir.path(), 4).expect("sled synced, mark not yet written");
         match check(dir.path(), 2) {
             Err(Error::Corrupted { detail, .. }) => {
-                assert!(detail.contains("3 checkpoints"), "{detail}")
+                assert!(detail.contains("checkpoint 3 of"), "{detail}")
             }
             other => panic!("{other:?}"),
         }
