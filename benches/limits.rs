@@ -92,7 +92,7 @@ impl RawSled {
         let i = self.next;
         self.next += 1;
         let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
+        key[..16].copy_from_slice(&RawSled::record_prefix());
         key[24..].copy_from_slice(&i.to_be_bytes());
         let mut index = [0u8; 57];
         index[..16].copy_from_slice(&key[..16]);
@@ -131,12 +131,12 @@ impl RawSled {
     fn pop(&mut self) {
         let [records, index, _] = &self.trees;
         let (entry, suffix) = index
-            .scan_prefix(&self.record_prefix()[..])
+            .scan_prefix(&RawSled::record_prefix()[..])
             .next()
             .expect("a message")
             .expect("scan");
         index.remove(&entry).expect("remove");
-        let mut key = self.record_prefix().to_vec();
+        let mut key = RawSled::record_prefix().to_vec();
         key.extend_from_slice(&suffix);
         let mut record = records.get(&key).expect("get").expect("record").to_vec();
         for state in [1u8, 2] {
@@ -146,7 +146,7 @@ impl RawSled {
     }
 
     /// The first 16 bytes of every record key (and of every index key): the pool.
-    fn record_prefix(&self) -> [u8; 16] {
+    fn record_prefix() -> [u8; 16] {
         let mut p = [0u8; 16];
         p[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
         p

@@ -152,10 +152,12 @@ fn lock(path: &Path) -> Result<std::fs::File> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+const UNSUPPORTED: &str =
+    "compaction needs an atomic directory exchange, which this platform lacks";
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn lock(_: &Path) -> Result<std::fs::File> {
-    Err(Error::Storage(
-        "compaction needs an atomic directory exchange, which this platform lacks".into(),
-    ))
+    Err(Error::Storage(UNSUPPORTED.into()))
 }
 
 /// Streams an export of `source` into an import of `target`; returns the number of lines.
@@ -297,9 +299,7 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn exchange(_: &Path, _: &Path) -> Result<()> {
-    Err(Error::Storage(
-        "compaction needs an atomic directory exchange, which this platform lacks".into(),
-    ))
+    Err(Error::Storage(UNSUPPORTED.into()))
 }
 
 #[cfg(test)]

@@ -175,9 +175,8 @@ impl QueueBuilder {
     /// into a fresh database in the sibling directory `<name>.compacting` (an export piped
     /// into an import, which reproduces the state exactly), swaps the two directories
     /// atomically (`renameat2(RENAME_EXCHANGE)` on Linux; macOS's equivalent) and removes
-    /// the old one. sled never
-    /// returns the space and memory of deleted data, so a database migrated in place or
-    /// churned through many messages shrinks on disk and in memory. The database must not
+    /// the old one. sled never returns the space and memory of deleted data, so a database
+    /// migrated in place or churned through many messages shrinks on disk and in memory. The database must not
     /// be open elsewhere (`Error::InUse`); it stays locked until the swap, and a crash
     /// leaves either the old or the compacted database in place (see `src/compact.rs`).
     pub fn compact(self) -> Result<Compacted> {

@@ -779,7 +779,7 @@ impl Store {
         };
         if let Some(dir) = &store.path {
             // Before anything is written: a sled that lost checkpointed writes is refused.
-            crate::mark::check(dir, store.checkpoints()?)?;
+            crate::mark::check(dir, store.get_u64(TreeId::Meta, keys::META_CHECKPOINT)?)?;
         }
         store.check_format()?;
         store.wal = store.recover_wal(checkpoint_bytes)?.map(Mutex::new);
@@ -926,7 +926,9 @@ impl Store {
         while next == 0 || next == current {
             next = u64::from_be_bytes(crate::os_random()?);
         }
-        let count = self.checkpoints()?.saturating_add(1);
+        let count = self
+            .get_u64(TreeId::Meta, keys::META_CHECKPOINT)?
+            .saturating_add(1);
         let meta = self.tree(TreeId::Meta);
         meta.insert(keys::META_WAL, &next.to_be_bytes())?;
         meta.insert(keys::META_CHECKPOINT, &codec::encode_u64(count))?;
@@ -935,16 +937,6 @@ impl Store {
             crate::mark::write(dir, count)?;
         }
         Ok(next)
-    }
-
-    /// How many checkpoints sled holds (`crate::mark`); read from sled itself, which only
-    /// checkpoints write.
-    fn checkpoints(&self) -> Result<u64> {
-        match self.tree(TreeId::Meta).get(keys::META_CHECKPOINT)? {
-            None => Ok(0),
-            Some(v) => codec::decode_u64(&v)
-                .map_err(|d| Error::corrupted("meta", keys::META_CHECKPOINT, d)),
-        }
     }
 
     fn write_layout(&self) -> Result<()> {
